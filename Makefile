@@ -1,0 +1,107 @@
+# mlflowctl developer / CI entry points.
+#
+#   make demo       set up (venv + data) and run the pipeline, then list models
+#   make test       set up (venv + data + docker) and run the test suite
+#   make bench      set up (venv + data) and run the benchmarks
+#   make venv|data|docker   the individual set-up steps (idempotent, fast when done)
+#   make clean      remove pipeline state (.mlflowctl/)
+#   make distclean  also remove the virtualenv (.venv/)
+#
+# Variables: PYTHON (interpreter for the venv, default python3), PYTEST_ARGS,
+# DOIT_ARGS, NO_DOCKER=1 (make test without starting Docker), BASE_IMAGE.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+MAKEFLAGS += --no-print-directory
+
+PYTHON      ?= python3
+VENV        := .venv
+VBIN        := $(VENV)/bin
+PIP         := $(VBIN)/python -m pip
+# Re-install when any of these change (only those that exist).
+INSTALL_DEPS := $(wildcard setup.py setup.cfg pyproject.toml image/requirements.txt)
+STAMP       := $(VENV)/.mlflowctl-install.stamp
+
+FMNIST_DIR  ?= /usr/share/datasets/fashion-mnist
+FMNIST_FILE := $(FMNIST_DIR)/train-images-idx3-ubyte.gz
+FMNIST_PKG  := dataset-fashion-mnist
+
+PYTEST_ARGS ?=
+DOIT_ARGS   ?=
+NO_DOCKER   ?=
+
+export DEBIAN_FRONTEND := noninteractive
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: help venv data docker demo test bench clean distclean
+
+help:
+	@echo "targets: demo test bench venv data docker clean distclean"
+	@echo "  e.g. make test PYTEST_ARGS='-k local -x'"
+
+# ---------------------------------------------------------------- venv
+venv: $(STAMP)
+
+$(VBIN)/python:
+	@command -v $(PYTHON) >/dev/null || { echo "venv: ERROR: $(PYTHON) not found; install Python 3.11 or pass PYTHON=/path/to/python3.11" >&2; exit 1; }
+	@echo "venv: creating $(VENV) with $$($(PYTHON) --version 2>&1)"
+	$(PYTHON) -m venv $(VENV)
+
+# An existing .venv without the stamp is reused: we just (re)install into it.
+$(STAMP): $(INSTALL_DEPS) | $(VBIN)/python
+	@for f in setup.py image/requirements.txt; do \
+	  [ -f "$$f" ] || { echo "venv: ERROR: $$f is missing; run make from the repository root of a complete checkout" >&2; exit 1; }; \
+	done
+	@echo "venv: installing mlflowctl[test] and image/requirements.txt into $(VENV) (slow the first time)"
+	$(PIP) install -q --upgrade pip 'setuptools>=70' wheel
+	$(PIP) install -q -e '.[test]' -r image/requirements.txt
+	@touch $@
+	@echo "venv: ready"
+
+# ---------------------------------------------------------------- data
+# Fashion-MNIST from Debian's dataset-fashion-mnist package. Without apt the
+# pipeline's data stage falls back to downloading it.
+data:
+	@if [ -f "$(FMNIST_FILE)" ]; then \
+	  echo "data: Fashion-MNIST present in $(FMNIST_DIR)"; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "data: NOTE: $(FMNIST_FILE) missing and no apt-get; the data stage will download Fashion-MNIST instead"; \
+	else \
+	  if [ "$$(id -u)" -eq 0 ]; then sudo=""; \
+	  elif command -v sudo >/dev/null 2>&1; then sudo="sudo -n"; \
+	  else echo "data: NOTE: not root and no sudo, cannot apt-get install $(FMNIST_PKG); the data stage will download Fashion-MNIST instead"; exit 0; fi; \
+	  apt="$$sudo apt-get -y -q -o DPkg::Lock::Timeout=300"; \
+	  echo "data: installing $(FMNIST_PKG) with apt-get"; \
+	  if ! $$apt install --no-install-recommends $(FMNIST_PKG) >/tmp/mlflowctl-apt-data.log 2>&1; then \
+	    echo "data: apt-get install failed; running apt-get update and retrying"; \
+	    $$apt update >>/tmp/mlflowctl-apt-data.log 2>&1 || true; \
+	    $$apt install --no-install-recommends $(FMNIST_PKG) >>/tmp/mlflowctl-apt-data.log 2>&1 || true; \
+	  fi; \
+	  if [ -f "$(FMNIST_FILE)" ]; then echo "data: Fashion-MNIST installed in $(FMNIST_DIR)"; \
+	  else tail -n 5 /tmp/mlflowctl-apt-data.log >&2 || true; \
+	    echo "data: WARNING: could not install $(FMNIST_PKG) (log /tmp/mlflowctl-apt-data.log); the data stage will try to download Fashion-MNIST instead" >&2; fi; \
+	fi
+
+# ---------------------------------------------------------------- docker
+docker:
+	@if [ -n "$(NO_DOCKER)" ]; then echo "docker: skipped (NO_DOCKER set)"; exit 0; fi; \
+	scripts/ensure-docker.sh && scripts/ensure-base-image.sh
+
+# ---------------------------------------------------------------- main targets
+demo: venv data
+	$(VBIN)/doit $(DOIT_ARGS)
+	$(VBIN)/mlflowctl models
+
+test: venv data docker
+	$(VBIN)/pytest -q -ra tests $(PYTEST_ARGS)
+
+bench: venv data
+	$(VBIN)/python bench/run_all.py
+
+# ---------------------------------------------------------------- cleaning
+clean:
+	rm -rf .mlflowctl
+
+distclean: clean
+	rm -rf $(VENV) build *.egg-info .pytest_cache

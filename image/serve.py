@@ -1,0 +1,1180 @@
+"""mlflowctl's embedded model server: TensorFlow Serving REST + Open Inference V2 + drift scoring.
+
+Run as its own process (never inside the orchestrator)::
+
+    python serve.py --model-name mnist --base-path models/mnist --routing routing.json \
+        --host 127.0.0.1 --port 8501
+
+Registry layout under ``--base-path`` is TensorFlow Serving's: ``<base>/<N>/saved_model.pb``
+(+ ``variables/``) per integer version ``N``; optionally ``<base>/<N>/concept/`` holds the
+drift autoencoder (signature ``serving_default``: ``images`` -> ``reconstruction_error``) and
+``<base>/<N>/concept/threshold.json`` its threshold and training histogram.
+
+The routing file ``{"versions": [1, 2], "labels": {"stable": 1, "canary": 2},
+"canary_weight": 0.1}`` says which versions are loaded and how unlabelled requests are
+split; it is re-read on ``SIGHUP`` and on ``POST /admin/reload`` (loopback clients only).
+Without a routing file the highest version is served, as TensorFlow Serving does.
+
+HTTP surface (all JSON errors are ``{"error": "<message>"}``):
+
+* TF Serving REST: ``GET /v1/models/{m}[/versions/{v}|/labels/{l}][/metadata]``,
+  ``POST /v1/models/{m}[/versions/{v}|/labels/{l}]:predict`` (row and columnar forms).
+* Open Inference Protocol V2: ``/v2``, ``/v2/health/{live,ready}``,
+  ``/v2/models/{m}[/versions/{v}][/ready|/infer]``.
+* ``GET /metrics`` (Prometheus), ``GET /monitor/v1/models/{m}/drift`` (JSON for the monitor).
+
+The HTTP layer is a plain ASGI callable under uvicorn (Starlette's request/response objects
+cost ~15% of batch-1 throughput for nothing we need); TensorFlow is called inline on the
+event loop thread (a batch-1 call is well under a millisecond; a thread hop costs more
+than it saves on small CPU machines).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import os
+import random
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import orjson  # noqa: E402
+
+SERVER_NAME = "mlflowctl-model-server"
+SERVER_VERSION = "0.1.0"
+DEFAULT_MAX_BODY = 8 * 1024 * 1024
+RING_SIZE = 10_000
+RECENT_CAP = 5_000
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+log = logging.getLogger("serve")
+
+# TF dtype name -> (TF Serving enum name, V2 datatype, numpy dtype)
+DTYPES: dict[str, tuple[str, str, Any]] = {
+    "float32": ("DT_FLOAT", "FP32", np.float32),
+    "float64": ("DT_DOUBLE", "FP64", np.float64),
+    "float16": ("DT_HALF", "FP16", np.float16),
+    "int8": ("DT_INT8", "INT8", np.int8),
+    "int16": ("DT_INT16", "INT16", np.int16),
+    "int32": ("DT_INT32", "INT32", np.int32),
+    "int64": ("DT_INT64", "INT64", np.int64),
+    "uint8": ("DT_UINT8", "UINT8", np.uint8),
+    "uint16": ("DT_UINT16", "UINT16", np.uint16),
+    "uint32": ("DT_UINT32", "UINT32", np.uint32),
+    "uint64": ("DT_UINT64", "UINT64", np.uint64),
+    "bool": ("DT_BOOL", "BOOL", np.bool_),
+    "string": ("DT_STRING", "BYTES", object),
+}
+
+
+class ApiError(Exception):
+    """A request that cannot be served: becomes ``{"error": message}`` with ``status``."""
+
+    def __init__(self, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or []
+
+
+def bad(message: str) -> ApiError:
+    return ApiError(400, message)
+
+
+def not_found(message: str) -> ApiError:
+    return ApiError(404, message)
+
+
+# =============================================================================== models
+@dataclass
+class TensorSig:
+    alias: str
+    dtype: str          # TF dtype name, e.g. "float32"
+    shape: tuple | None  # None = unknown rank; -1 / None entries = any size
+    np_dtype: Any = None
+
+    def check(self, arr: np.ndarray, where: str) -> None:
+        if self.shape is None:
+            return
+        if arr.ndim != len(self.shape) or any(
+            want not in (-1, None) and got != want for got, want in zip(arr.shape, self.shape)
+        ):
+            want = "[" + ",".join("-1" if d in (-1, None) else str(d) for d in self.shape) + "]"
+            got = "[" + ",".join(str(d) for d in arr.shape) + "]"
+            raise bad(f"{where}: input '{self.alias}' has shape {got}, the model expects {want}")
+
+
+@dataclass
+class Signature:
+    name: str
+    fn: Any                       # the concrete function
+    inputs: dict[str, TensorSig]
+    outputs: list[str]            # output aliases, in the order returned
+    output_sigs: dict[str, TensorSig]
+
+    @property
+    def single_input(self) -> TensorSig | None:
+        return next(iter(self.inputs.values())) if len(self.inputs) == 1 else None
+
+
+@dataclass
+class Concept:
+    sig: Signature
+    threshold: float
+    quantile: float | None
+    edges: np.ndarray | None
+    train_counts: list[int] | None
+
+
+@dataclass
+class Version:
+    number: int
+    path: Path
+    loaded: Any                      # keeps the SavedModel objects alive
+    signatures: dict[str, Signature]
+    signature_defs: dict[str, Any]   # TF Serving metadata JSON, per signature
+    concept: Concept | None
+    metadata: dict[str, Any]
+    fused: Callable[[np.ndarray], tuple[dict[str, np.ndarray], np.ndarray]] | None = None
+    ring: np.ndarray = field(default_factory=lambda: np.zeros(RING_SIZE, np.float32))
+    ring_pos: int = 0
+    ring_len: int = 0
+    scored: int = 0
+    outliers: int = 0
+    predictions: int = 0
+    label: str = ""                 # str(number), precomputed for metrics
+
+    def record(self, errors: np.ndarray) -> int:
+        """Add reconstruction errors to the ring buffer; returns how many are outliers."""
+        n = errors.shape[0]
+        if n >= RING_SIZE:
+            self.ring[:] = errors[-RING_SIZE:]
+            self.ring_pos, self.ring_len = 0, RING_SIZE
+        else:
+            end = self.ring_pos + n
+            if end <= RING_SIZE:
+                self.ring[self.ring_pos:end] = errors
+            else:
+                k = RING_SIZE - self.ring_pos
+                self.ring[self.ring_pos:] = errors[:k]
+                self.ring[: n - k] = errors[k:]
+            self.ring_pos = end % RING_SIZE
+            self.ring_len = min(RING_SIZE, self.ring_len + n)
+        bad_count = int(np.count_nonzero(~(errors <= self.concept.threshold)))  # NaN counts as outlier
+        self.scored += n
+        self.outliers += bad_count
+        return bad_count
+
+    def recent(self) -> np.ndarray:
+        if self.ring_len < RING_SIZE:
+            return self.ring[: self.ring_len].copy()
+        return np.concatenate([self.ring[self.ring_pos:], self.ring[: self.ring_pos]])
+
+
+def _tf():
+    import tensorflow as tf  # imported lazily so --help and bind errors are instant
+
+    return tf
+
+
+def _tensor_sig(alias: str, spec: Any) -> TensorSig:
+    dtype = spec.dtype.name
+    shape = None if spec.shape.rank is None else tuple(-1 if d is None else int(d) for d in spec.shape.as_list())
+    return TensorSig(alias, dtype, shape, DTYPES.get(dtype, (None, None, None))[2])
+
+
+def _signature(name: str, fn: Any) -> Signature:
+    _, kwargs = fn.structured_input_signature
+    inputs = {alias: _tensor_sig(alias, spec) for alias, spec in sorted(kwargs.items())}
+    outs = fn.structured_outputs
+    if not isinstance(outs, dict):
+        raise ValueError(f"signature {name!r} does not return a dict of named outputs")
+    output_sigs = {alias: _tensor_sig(alias, t) for alias, t in sorted(outs.items())}
+    return Signature(name, fn, inputs, list(output_sigs), output_sigs)
+
+
+def _signature_defs(model_dir: Path) -> dict[str, Any]:
+    """The SavedModel's signature defs as TF Serving's metadata JSON renders them."""
+    from tensorflow.core.protobuf import saved_model_pb2
+    from tensorflow.core.framework import types_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString((model_dir / "saved_model.pb").read_bytes())
+    if not proto.meta_graphs:
+        return {}
+
+    def tensor_info(info: Any) -> dict[str, Any]:
+        shape = info.tensor_shape
+        return {
+            "dtype": types_pb2.DataType.Name(info.dtype),
+            "tensor_shape": {
+                "dim": [{"size": str(d.size), "name": d.name} for d in shape.dim],
+                "unknown_rank": bool(shape.unknown_rank),
+            },
+            "name": info.name,
+        }
+
+    defs = {}
+    for key, sd in sorted(proto.meta_graphs[0].signature_def.items()):
+        defs[key] = {
+            "inputs": {k: tensor_info(v) for k, v in sorted(sd.inputs.items())},
+            "outputs": {k: tensor_info(v) for k, v in sorted(sd.outputs.items())},
+            "method_name": sd.method_name,
+        }
+    return defs
+
+
+def _load_concept(version_dir: Path) -> tuple[Any, Concept] | None:
+    cdir = version_dir / "concept"
+    if not (cdir / "saved_model.pb").is_file():
+        return None
+    tf = _tf()
+    try:
+        info = json.loads((cdir / "threshold.json").read_text())
+        threshold = float(info["threshold"])
+        if not math.isfinite(threshold):
+            raise ValueError("threshold is not finite")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("version %s: concept model ignored, bad threshold.json: %s", version_dir.name, exc)
+        return None
+    edges = counts = None
+    hist = info.get("histogram") or {}
+    try:
+        e = np.asarray(hist.get("edges", []), dtype=np.float64)
+        c = [int(x) for x in hist.get("counts", [])]
+        if e.ndim == 1 and e.size >= 2 and len(c) == e.size - 1 and np.all(np.diff(e) > 0):
+            edges, counts = e, c
+    except (TypeError, ValueError):
+        pass
+    loaded = tf.saved_model.load(str(cdir))
+    if "serving_default" not in loaded.signatures:
+        log.warning("version %s: concept model has no serving_default signature; drift scoring off", version_dir.name)
+        return None
+    sig = _signature("serving_default", loaded.signatures["serving_default"])
+    if len(sig.outputs) != 1 or sig.single_input is None:
+        log.warning("version %s: concept model must have one input and one output; drift scoring off", version_dir.name)
+        return None
+    q = info.get("quantile")
+    return loaded, Concept(sig, threshold, float(q) if isinstance(q, (int, float)) else None, edges, counts)
+
+
+def _fuse(clf: Signature, concept: Concept) -> Callable | None:
+    """One graph call computing the classifier outputs and the reconstruction errors.
+
+    Halves the per-request eager-call overhead of running two SavedModels.
+    """
+    tf = _tf()
+    cin, kin = clf.single_input, concept.sig.single_input
+    if cin is None or kin is None or cin.dtype != kin.dtype:
+        return None
+    if cin.shape is not None and kin.shape is not None and len(cin.shape) != len(kin.shape):
+        return None
+    cfn, kfn = clf.fn, concept.sig.fn
+    c_alias, k_alias, k_out, outs = cin.alias, kin.alias, concept.sig.outputs[0], list(clf.outputs)
+    spec = tf.TensorSpec(None if cin.shape is None else [None if d == -1 else d for d in cin.shape],
+                         getattr(tf, cin.dtype))
+
+    @tf.function(input_signature=[spec], autograph=False)
+    def fused(x):
+        o = cfn(**{c_alias: x})
+        e = kfn(**{k_alias: x})[k_out]
+        return [o[k] for k in outs] + [e]
+
+    concrete = fused.get_concrete_function()
+
+    def call(x: np.ndarray):
+        res = concrete(x)
+        return {k: res[i].numpy() for i, k in enumerate(outs)}, res[-1].numpy()
+
+    return call
+
+
+def load_version(base: Path, number: int) -> Version:
+    tf = _tf()
+    vdir = base / str(number)
+    if not (vdir / "saved_model.pb").is_file():
+        raise FileNotFoundError(f"no SavedModel at {vdir} (saved_model.pb missing)")
+    loaded = tf.saved_model.load(str(vdir))
+    sigs = {name: _signature(name, fn) for name, fn in loaded.signatures.items()}
+    if not sigs:
+        raise ValueError(f"the SavedModel at {vdir} has no signatures")
+    keep: list[Any] = [loaded]
+    concept = None
+    got = _load_concept(vdir)
+    if got is not None:
+        keep.append(got[0])
+        concept = got[1]
+    metadata: dict[str, Any] = {}
+    try:
+        metadata = json.loads((vdir / "metadata.json").read_text())
+    except (OSError, ValueError):
+        pass
+    v = Version(number, vdir, keep, sigs, _signature_defs(vdir), concept, metadata if isinstance(metadata, dict) else {})
+    v.label = str(number)
+    if concept is not None and "serving_default" in sigs:
+        try:
+            v.fused = _fuse(sigs["serving_default"], concept)
+        except Exception as exc:  # noqa: BLE001 - fall back to two calls
+            log.warning("version %d: could not fuse classifier and concept model (%s); using two calls", number, exc)
+    # warm up: the first call of a concrete function traces/optimises; do it now, not on a client's time
+    sd = sigs.get("serving_default")
+    if sd is not None and sd.single_input is not None and sd.single_input.shape is not None \
+            and sd.single_input.np_dtype not in (None, object):
+        shape = tuple(1 if d == -1 else d for d in sd.single_input.shape)
+        x = np.zeros(shape, sd.single_input.np_dtype)
+        try:
+            if v.fused is not None:
+                v.fused(x)
+            else:
+                sd.fn(**{sd.single_input.alias: x})
+                if concept is not None:
+                    concept.sig.fn(**{concept.sig.single_input.alias: x})
+        except Exception as exc:  # noqa: BLE001
+            log.warning("version %d: warm-up call failed: %s", number, exc)
+    return v
+
+
+def scan_versions(base: Path) -> list[int]:
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return []
+    return sorted(int(n) for n in names if n.isdigit() and (base / n / "saved_model.pb").is_file())
+
+
+# =============================================================================== routing
+@dataclass
+class Routing:
+    versions: list[int]
+    labels: dict[str, int]
+    canary_weight: float
+    explicit: bool  # False = no routing file: serve the highest version
+
+
+def read_routing(path: Path | None, base: Path) -> Routing:
+    if path is None or not path.exists():
+        found = scan_versions(base)
+        return Routing(found[-1:], {}, 0.0, False)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"routing file {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"routing file {path}: expected a JSON object")
+    versions = data.get("versions", [])
+    labels = data.get("labels") or {}
+    weight = data.get("canary_weight", 0.0)
+    if not isinstance(versions, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in versions):
+        raise ValueError(f"routing file {path}: 'versions' must be a list of non-negative integers")
+    if not isinstance(labels, dict) or not all(
+        isinstance(k, str) and k and isinstance(v, int) and not isinstance(v, bool) for k, v in labels.items()
+    ):
+        raise ValueError(f"routing file {path}: 'labels' must map label names to version numbers")
+    missing = sorted({v for v in labels.values() if v not in versions})
+    if missing:
+        raise ValueError(f"routing file {path}: labels point at versions {missing} that are not in 'versions'")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
+        raise ValueError(f"routing file {path}: 'canary_weight' must be a number between 0 and 1")
+    return Routing(sorted(set(versions)), dict(labels), float(weight), True)
+
+
+@dataclass
+class VersionState:
+    state: str = "START"
+    error_code: str = "OK"
+    error_message: str = ""
+
+
+class Model:
+    """The served versions of one model and how requests are routed among them."""
+
+    def __init__(self, name: str, base: Path, routing_path: Path | None):
+        self.name = name
+        self.base = base
+        self.routing_path = routing_path
+        self.versions: dict[int, Version] = {}
+        self.states: dict[int, VersionState] = {}
+        self.routing = Routing([], {}, 0.0, False)
+        self.default: Version | None = None
+        self.canary: Version | None = None
+        self.canary_weight = 0.0
+        self.label_map: dict[str, Version] = {}
+        self.reload_lock = threading.Lock()
+        self.on_load: Callable[[Version], None] = lambda v: None
+        self.on_unload: Callable[[Version], None] = lambda v: None
+
+    # -- reload (runs in a worker thread; the swap is a few attribute assignments) --
+    def reload(self) -> dict[str, Any]:
+        with self.reload_lock:
+            routing = read_routing(self.routing_path, self.base)
+            wanted = set(routing.versions)
+            versions = dict(self.versions)
+            for n in sorted(wanted - set(versions)):
+                self.states[n] = VersionState("LOADING")
+                t0 = time.monotonic()
+                try:
+                    versions[n] = load_version(self.base, n)
+                except Exception as exc:  # noqa: BLE001 - a broken version must not take the server down
+                    code = "NOT_FOUND" if isinstance(exc, FileNotFoundError) else "UNKNOWN"
+                    self.states[n] = VersionState("END", code, f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
+                    log.error("version %d of %s could not be loaded: %s", n, self.name, self.states[n].error_message)
+                    continue
+                self.states[n] = VersionState("AVAILABLE")
+                self.on_load(versions[n])
+                log.info("loaded version %d of %s in %.2fs%s", n, self.name, time.monotonic() - t0,
+                         " (with concept model)" if versions[n].concept else "")
+            for n in sorted(set(versions) - wanted):
+                self.states[n] = VersionState("UNLOADING")
+                v = versions.pop(n)
+                self.on_unload(v)
+                self.states[n] = VersionState("END")
+                log.info("unloaded version %d of %s", n, self.name)
+            for n in list(self.states):
+                if n not in wanted and self.states[n].state not in ("END",):
+                    self.states[n] = VersionState("END")
+            # swap
+            label_map = {lab: versions[n] for lab, n in routing.labels.items() if n in versions}
+            default = label_map.get("stable") or (versions[max(versions)] if versions else None)
+            canary = label_map.get("canary")
+            self.versions = versions
+            self.routing = routing
+            self.label_map = label_map
+            self.default = default
+            self.canary = canary if canary is not None and canary is not default else None
+            self.canary_weight = routing.canary_weight if self.canary is not None else 0.0
+            return self.describe()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model_name": self.name,
+            "versions": [{"version": n, "state": s.state, "error": s.error_message}
+                         for n, s in sorted(self.states.items())],
+            "labels": {lab: v.number for lab, v in self.label_map.items()},
+            "default_version": self.default.number if self.default else None,
+            "canary_weight": self.canary_weight,
+        }
+
+    # -- request routing --
+    def check_name(self, name: str) -> None:
+        if name != self.name:
+            raise not_found(f"Servable not found for request: model '{name}' is not served here (serving '{self.name}')")
+
+    def select(self, name: str, version: str | None, label: str | None) -> Version:
+        if name != self.name:
+            self.check_name(name)
+        if version is not None:
+            try:
+                v = self.versions[int(version)]
+            except (KeyError, ValueError):
+                st = self.states.get(int(version)) if version.isdigit() else None
+                why = f" (state {st.state}{': ' + st.error_message if st.error_message else ''})" if st else ""
+                raise not_found(f"Servable not found for request: Specific({name}, {version}){why}") from None
+            return v
+        if label is not None:
+            v = self.label_map.get(label)
+            if v is None:
+                raise not_found(f"Servable not found for request: no version of '{name}' has the label '{label}'")
+            return v
+        if self.canary is not None and random.random() < self.canary_weight:
+            return self.canary
+        if self.default is None:
+            raise not_found(f"Servable not found for request: Latest({name}) (no version is loaded)")
+        return self.default
+
+
+# =============================================================================== metrics
+class Metrics:
+    def __init__(self, model_name: str):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
+
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        r = self.registry
+        self.requests = Counter("mlflowctl_serving_requests", "HTTP requests by endpoint, served version and status code",
+                                ["endpoint", "version", "code"], registry=r)
+        self.latency = Histogram("mlflowctl_serving_request_duration_seconds", "Request handling time by endpoint",
+                                 ["endpoint"], registry=r,
+                                 buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
+        self.predictions = Counter("mlflowctl_serving_predictions", "Images predicted, by version", ["model", "version"], registry=r)
+        self.scored = Counter("mlflowctl_serving_drift_scored", "Images scored by the concept (drift) model",
+                              ["model", "version"], registry=r)
+        self.outliers = Counter("mlflowctl_serving_drift_outliers",
+                                "Images whose reconstruction error exceeded the threshold (out of distribution)",
+                                ["model", "version"], registry=r)
+        self.threshold = Gauge("mlflowctl_serving_drift_threshold", "Reconstruction-error threshold of the concept model",
+                               ["model", "version"], registry=r)
+        self.loaded = Gauge("mlflowctl_serving_version_loaded", "1 when the version is loaded", ["model", "version"], registry=r)
+        self.model = model_name
+        self._req: dict[tuple[str, str, int], Any] = {}
+        self._lat: dict[str, Any] = {}
+        self._per_version: dict[str, tuple[Any, Any, Any]] = {}
+
+    def on_load(self, v: Version) -> None:
+        lab = (self.model, v.label)
+        self._per_version[v.label] = (self.predictions.labels(*lab), self.scored.labels(*lab), self.outliers.labels(*lab))
+        self.loaded.labels(*lab).set(1)
+        if v.concept is not None:
+            self.threshold.labels(*lab).set(v.concept.threshold)
+
+    def on_unload(self, v: Version) -> None:
+        self.loaded.labels(self.model, v.label).set(0)
+        try:
+            self.threshold.remove(self.model, v.label)
+        except KeyError:
+            pass
+
+    def request(self, endpoint: str, version: str, code: int, seconds: float) -> None:
+        key = (endpoint, version, code)
+        c = self._req.get(key)
+        if c is None:
+            if len(self._req) > 10_000:  # bounded label cardinality
+                key = (endpoint, "", code)
+                c = self._req.get(key)
+            if c is None:
+                c = self._req[key] = self.requests.labels(endpoint, key[1], str(code))
+        c.inc()
+        h = self._lat.get(endpoint)
+        if h is None:
+            h = self._lat[endpoint] = self.latency.labels(endpoint)
+        h.observe(seconds)
+
+    def predicted(self, v: Version, n: int, scored: int, outliers: int) -> None:
+        p, s, o = self._per_version[v.label]
+        p.inc(n)
+        if scored:
+            s.inc(scored)
+            if outliers:
+                o.inc(outliers)
+
+
+# =============================================================================== request decoding
+def parse_json(body: bytes) -> Any:
+    if not body:
+        raise bad("the request body is empty; expected a JSON object")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        first_error = str(exc)
+    # TF Serving (RapidJSON) also accepts NaN / Infinity literals; the stdlib parser does too
+    if b"NaN" in body or b"Infinity" in body:
+        try:
+            return json.loads(body)
+        except (ValueError, RecursionError, UnicodeDecodeError):
+            pass
+    raise bad(f"malformed JSON in the request body: {first_error}")
+
+
+def to_array(value: Any, sig: TensorSig, where: str) -> np.ndarray:
+    """Convert a JSON value to an array of the signature's dtype, or raise a 400."""
+    if sig.np_dtype in (None, object):
+        raise bad(f"{where}: input '{sig.alias}' has dtype {sig.dtype}, which this server does not accept over JSON")
+    if isinstance(value, dict):
+        if "b64" in value:
+            raise bad(f"{where}: input '{sig.alias}' is {DTYPES[sig.dtype][0]}; base64 ('b64') values are only for DT_STRING")
+        raise bad(f"{where}: input '{sig.alias}' must be a number or a (nested) list of numbers, got an object")
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError) as exc:
+        msg = str(exc).split("\n")[0]
+        if "inhomogeneous" in msg or "sequence" in msg:
+            msg = "the nested lists are ragged (rows of different lengths)"
+        raise bad(f"{where}: input '{sig.alias}' is not a rectangular tensor: {msg}") from None
+    kind = arr.dtype.kind
+    if kind not in "fiu" and not (kind == "b" and sig.dtype == "bool"):
+        what = {"U": "strings", "S": "strings", "b": "booleans", "O": "null, objects or out-of-range numbers"}.get(kind, kind)
+        raise bad(f"{where}: input '{sig.alias}' expects {DTYPES[sig.dtype][0]} numbers, got {what}")
+    if arr.dtype != sig.np_dtype:
+        with np.errstate(over="ignore", invalid="ignore"):
+            arr = arr.astype(sig.np_dtype)
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise bad(f"{where}: input '{sig.alias}' contains NaN or Infinity (or a number too large for {sig.dtype})")
+    sig.check(arr, where)
+    return arr
+
+
+def decode_tfserving(body: Any, sig: Signature) -> tuple[dict[str, np.ndarray], bool]:
+    """Inputs of a TF Serving predict body; returns (inputs, row_format)."""
+    has_rows, has_cols = "instances" in body, "inputs" in body
+    if has_rows == has_cols:
+        raise bad("Missing 'inputs' or 'instances' key" if not has_rows else
+                  "Not both 'inputs' and 'instances' keys may be given; use exactly one")
+    single = sig.single_input
+    if has_rows:
+        rows = body["instances"]
+        if not isinstance(rows, list):
+            raise bad("'instances' must be a list (one element per instance)")
+        if not rows:
+            raise bad("'instances' is an empty list; send at least one instance")
+        if isinstance(rows[0], dict) and not (single is not None and "b64" in rows[0]):
+            named: dict[str, list] = {a: [] for a in sig.inputs}
+            for i, row in enumerate(rows):
+                if not isinstance(row, dict):
+                    raise bad(f"instance {i} is not an object; mix of named and unnamed instances")
+                if row.keys() != named.keys():
+                    missing = sorted(set(named) - set(row))
+                    extra = sorted(set(row) - set(named))
+                    raise bad(f"instance {i}: inputs do not match the signature (missing {missing}, unknown {extra}); "
+                              f"expected {sorted(named)}")
+                for a, val in row.items():
+                    named[a].append(val)
+            return {a: to_array(vals, sig.inputs[a], "instances") for a, vals in named.items()}, True
+        if single is None:
+            raise bad(f"the signature has inputs {sorted(sig.inputs)}; each instance must be an object naming them")
+        return {single.alias: to_array(rows, single, "instances")}, True
+    cols = body["inputs"]
+    if isinstance(cols, dict) and not (single is not None and "b64" in cols):
+        if cols.keys() != sig.inputs.keys():
+            missing = sorted(set(sig.inputs) - set(cols))
+            extra = sorted(set(cols) - set(sig.inputs))
+            raise bad(f"'inputs' do not match the signature (missing {missing}, unknown {extra}); expected {sorted(sig.inputs)}")
+        arrays = {a: to_array(val, sig.inputs[a], "inputs") for a, val in cols.items()}
+        batch = {a.shape[0] if a.ndim else None for a in arrays.values()}
+        if len(batch) > 1:
+            raise bad(f"'inputs' disagree on the batch size: {sorted(map(str, batch))}")
+        return arrays, False
+    if single is None:
+        raise bad(f"the signature has inputs {sorted(sig.inputs)}; 'inputs' must be an object naming them")
+    return {single.alias: to_array(cols, single, "inputs")}, False
+
+
+# =============================================================================== the ASGI app
+JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+class App:
+    def __init__(self, model: Model, metrics: Metrics, max_body: int):
+        self.model = model
+        self.metrics = metrics
+        self.max_body = max_body
+        self.ready = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.reloading: asyncio.Lock | None = None
+
+    # -- ASGI entry point --
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self.http(scope, receive, send)
+        elif kind == "lifespan":
+            await self.lifespan(receive, send)
+        # websockets: not accepted (uvicorn closes them)
+
+    async def lifespan(self, receive: Callable, send: Callable) -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "lifespan.startup":
+                self.loop = asyncio.get_running_loop()
+                self.reloading = asyncio.Lock()
+                try:
+                    self.loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+                except (NotImplementedError, RuntimeError, ValueError):
+                    pass
+                self.ready = True
+                await send({"type": "lifespan.startup.complete"})
+            elif msg["type"] == "lifespan.shutdown":
+                self.ready = False
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def _on_sighup(self) -> None:
+        log.info("SIGHUP: re-reading %s", self.model.routing_path)
+        asyncio.ensure_future(self._reload_quietly())
+
+    async def _reload_quietly(self) -> None:
+        try:
+            await self.reload()
+        except Exception as exc:  # noqa: BLE001
+            log.error("reload failed, routing unchanged: %s", exc)
+
+    async def reload(self) -> dict[str, Any]:
+        assert self.reloading is not None and self.loop is not None
+        async with self.reloading:
+            return await self.loop.run_in_executor(None, self.model.reload)
+
+    async def http(self, scope: dict, receive: Callable, send: Callable) -> None:
+        t0 = time.perf_counter()
+        method = scope["method"]
+        path = scope["path"]
+        endpoint, version = "other", ""
+        try:
+            if method == "POST":
+                body = await self._body(scope, receive)
+                if path.startswith("/v1/models/"):
+                    endpoint = "predict"
+                    status, payload, version = self.v1_post(path, body)
+                elif path.startswith("/v2/models/"):
+                    endpoint = "infer"
+                    status, payload, version = self.v2_post(path, body)
+                elif path == "/admin/reload":
+                    endpoint = "admin"
+                    status, payload = await self.admin_reload(scope)
+                else:
+                    raise self._no_route(path, method)
+                await self._send(send, status, payload)
+            elif method == "GET":
+                if path.startswith("/v1/models/"):
+                    endpoint = "status"
+                    status, payload = self.v1_get(path)
+                elif path.startswith("/v2"):
+                    endpoint = "v2"
+                    status, payload = self.v2_get(path)
+                elif path == "/metrics":
+                    endpoint = "metrics"
+                    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+                    data = generate_latest(self.metrics.registry)
+                    await self._send_raw(send, 200, data, [(b"content-type", CONTENT_TYPE_LATEST.encode())])
+                    status = 200
+                elif path.startswith("/monitor/v1/models/"):
+                    endpoint = "monitor"
+                    status, payload = self.drift(path, scope.get("query_string", b""))
+                else:
+                    raise self._no_route(path, method)
+                if endpoint != "metrics":
+                    await self._send(send, status, payload)
+            else:
+                raise self._no_route(path, method)
+        except ApiError as exc:
+            status = exc.status
+            await self._send(send, status, {"error": exc.message}, exc.headers)
+        except Exception as exc:  # noqa: BLE001 - the server keeps serving whatever happens
+            status = 500
+            log.exception("internal error on %s %s", method, path)
+            await self._send(send, 500, {"error": f"internal error: {type(exc).__name__}: {exc}"})
+        self.metrics.request(endpoint, version, status, time.perf_counter() - t0)
+
+    # -- plumbing --
+    async def _body(self, scope: dict, receive: Callable) -> bytes:
+        limit = self.max_body
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    n = int(value)
+                except ValueError:
+                    raise bad("invalid Content-Length header") from None
+                if n > limit:
+                    raise ApiError(413, f"request body of {n} bytes is larger than the limit of {limit} bytes")
+                break
+        msg = await receive()
+        body = msg.get("body", b"")
+        if not msg.get("more_body"):
+            if len(body) > limit:
+                raise ApiError(413, f"request body is larger than the limit of {limit} bytes")
+            return body
+        chunks = [body]
+        size = len(body)
+        while msg.get("more_body"):
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                raise ApiError(400, "client disconnected")
+            body = msg.get("body", b"")
+            size += len(body)
+            if size > limit:
+                raise ApiError(413, f"request body is larger than the limit of {limit} bytes")
+            chunks.append(body)
+        return b"".join(chunks)
+
+    @staticmethod
+    async def _send_raw(send: Callable, status: int, data: bytes, headers: list) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": data})
+
+    async def _send(self, send: Callable, status: int, payload: Any, extra: list | None = None) -> None:
+        data = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+        await send({"type": "http.response.start", "status": status,
+                    "headers": JSON_HEADERS + extra if extra else JSON_HEADERS})
+        await send({"type": "http.response.body", "body": data})
+
+    ROUTES = {  # path prefix -> allowed methods (for 405 vs 404)
+        "/v1/models/": ("GET", "POST"), "/v2/models/": ("GET", "POST"), "/v2": ("GET",),
+        "/metrics": ("GET",), "/monitor/v1/models/": ("GET",), "/admin/reload": ("POST",),
+    }
+
+    def _no_route(self, path: str, method: str) -> ApiError:
+        if path.startswith("/v1/models/") or path.startswith("/v2/models/"):
+            is_post = path.endswith(":predict") or path.endswith(":classify") or path.endswith(":regress") \
+                or path.endswith("/infer")
+            allowed = "POST" if is_post else "GET"
+            if method != allowed:
+                return ApiError(405, f"method {method} is not allowed on {path}; use {allowed}",
+                                [(b"allow", allowed.encode())])
+        for prefix, methods in self.ROUTES.items():
+            if path == prefix or (prefix.endswith("/") and path.startswith(prefix)) or path.startswith(prefix + "/"):
+                if method not in methods:
+                    return ApiError(405, f"method {method} is not allowed on {path}; use {' or '.join(methods)}",
+                                    [(b"allow", ", ".join(methods).encode())])
+        return not_found(f"no such endpoint: {method} {path}")
+
+    # -- TF Serving REST --
+    @staticmethod
+    def _v1_parse(path: str) -> tuple[str, str | None, str | None, list[str]]:
+        """'/v1/models/m/versions/3/metadata' -> ('m', '3', None, ['metadata'])."""
+        parts = path[len("/v1/models/"):].split("/")
+        name, rest = parts[0], parts[1:]
+        version = label = None
+        if len(rest) >= 2 and rest[0] == "versions":
+            version, rest = rest[1], rest[2:]
+            if not version.isdigit():
+                raise not_found(f"malformed request: version '{version}' is not an integer")
+        elif len(rest) >= 2 and rest[0] == "labels":
+            label, rest = rest[1], rest[2:]
+        if not name:
+            raise not_found("malformed request: missing model name")
+        return name, version, label, rest
+
+    def v1_post(self, path: str, body: bytes) -> tuple[int, Any, str]:
+        head, sep, verb = path.rpartition(":")
+        if not sep or "/" in verb:
+            raise self._no_route(path, "POST")
+        name, version, label, rest = self._v1_parse(head)
+        if rest:
+            raise self._no_route(path, "POST")
+        model = self.model
+        v = model.select(name, version, label)
+        if verb != "predict":
+            if verb in ("classify", "regress"):
+                raise bad(f"{verb} is not supported: the signatures of '{name}' are predict signatures "
+                          f"(method_name tensorflow/serving/predict); use :predict")
+            raise not_found(f"malformed request: unknown method ':{verb}'")
+        req = parse_json(body)
+        if not isinstance(req, dict):
+            raise bad("the request body must be a JSON object with 'instances' or 'inputs'")
+        sig_name = req.get("signature_name") or "serving_default"
+        if not isinstance(sig_name, str):
+            raise bad("'signature_name' must be a string")
+        sig = v.signatures.get(sig_name)
+        if sig is None:
+            raise bad(f"Serving signature name: \"{sig_name}\" not found in signature def "
+                      f"(available: {', '.join(sorted(v.signatures))})")
+        inputs, rows = decode_tfserving(req, sig)
+        outputs = self._run(v, sig, inputs)
+        if rows:
+            if len(outputs) == 1:
+                return 200, {"predictions": next(iter(outputs.values()))}, v.label
+            n = next(iter(inputs.values())).shape[0]
+            return 200, {"predictions": [{k: o[i] for k, o in outputs.items()} for i in range(n)]}, v.label
+        if len(outputs) == 1:
+            return 200, {"outputs": next(iter(outputs.values()))}, v.label
+        return 200, {"outputs": outputs}, v.label
+
+    def _run(self, v: Version, sig: Signature, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Call the model (and the concept model on the same batch); returns numpy outputs."""
+        concept = v.concept
+        x = inputs.get(sig.single_input.alias) if sig.single_input is not None else None
+        n = x.shape[0] if x is not None and x.ndim else 1
+        if sig.name == "serving_default" and v.fused is not None and x is not None:
+            try:
+                outs, errors = v.fused(x)
+            except Exception as exc:  # noqa: BLE001 - TF rejected the input
+                raise bad(self._tf_message(exc)) from None
+            outliers = v.record(errors.reshape(-1))
+            v.predictions += n
+            self.metrics.predicted(v, n, errors.size, outliers)
+            return outs
+        try:
+            res = sig.fn(**inputs)
+        except Exception as exc:  # noqa: BLE001
+            raise bad(self._tf_message(exc)) from None
+        outs = {k: res[k].numpy() for k in sig.outputs}
+        scored = outliers = 0
+        if concept is not None and x is not None and sig.name == "serving_default":
+            try:
+                kin = concept.sig.single_input
+                kin.check(x, "drift")
+                errors = concept.sig.fn(**{kin.alias: x})[concept.sig.outputs[0]].numpy().reshape(-1)
+                scored, outliers = errors.size, v.record(errors)
+            except Exception as exc:  # noqa: BLE001 - drift scoring never fails a prediction
+                log.debug("drift scoring skipped: %s", exc)
+        v.predictions += n
+        self.metrics.predicted(v, n, scored, outliers)
+        return outs
+
+    @staticmethod
+    def _tf_message(exc: Exception) -> str:
+        text = str(getattr(exc, "message", None) or exc).strip().splitlines()
+        return "the model rejected the input: " + (text[0][:300] if text else type(exc).__name__)
+
+    def v1_get(self, path: str) -> tuple[int, Any]:
+        name, version, label, rest = self._v1_parse(path)
+        model = self.model
+        model.check_name(name)
+        if rest == ["metadata"]:
+            v = model.select(name, version, label)
+            return 200, {
+                "model_spec": {"name": name, "signature_name": "", "version": v.label},
+                "metadata": {"signature_def": {"signature_def": v.signature_defs}},
+            }
+        if rest:
+            raise self._no_route(path, "GET")
+
+        def entry(n: int, st: VersionState) -> dict[str, Any]:
+            return {"version": str(n), "state": st.state,
+                    "status": {"error_code": st.error_code, "error_message": st.error_message}}
+
+        if version is not None:
+            st = model.states.get(int(version))
+            if st is None:
+                raise not_found(f"Could not find version {version} of model {name}")
+            return 200, {"model_version_status": [entry(int(version), st)]}
+        if label is not None:
+            v = model.select(name, None, label)
+            return 200, {"model_version_status": [entry(v.number, model.states[v.number])]}
+        if not model.states:
+            raise not_found(f"Could not find any versions of model {name}")
+        return 200, {"model_version_status": [entry(n, st) for n, st in sorted(model.states.items(), reverse=True)]}
+
+    # -- Open Inference Protocol V2 --
+    def _v2_parse(self, path: str) -> tuple[str, str | None, list[str]]:
+        parts = path[len("/v2/models/"):].split("/")
+        name, rest = parts[0], parts[1:]
+        version = None
+        if len(rest) >= 2 and rest[0] == "versions":
+            version, rest = rest[1], rest[2:]
+            if not version.isdigit():
+                raise not_found(f"version '{version}' of model '{name}' not found (versions are integers)")
+        return name, version, rest
+
+    def v2_get(self, path: str) -> tuple[int, Any]:
+        if path in ("/v2", "/v2/"):
+            return 200, {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": []}
+        if path == "/v2/health/live":
+            return 200, {"live": True}
+        if path == "/v2/health/ready":
+            ok = self.ready and not self.model.reload_lock.locked()
+            return (200 if ok else 503), {"ready": ok}
+        if not path.startswith("/v2/models/"):
+            raise self._no_route(path, "GET")
+        name, version, rest = self._v2_parse(path)
+        model = self.model
+        if rest == ["ready"]:
+            model.check_name(name)
+            if version is not None and int(version) not in model.states:
+                raise not_found(f"version {version} of model '{name}' not found")
+            v = model.versions.get(int(version)) if version is not None else model.default
+            return (200 if v else 503), {"name": name, "ready": v is not None}
+        if rest:
+            raise self._no_route(path, "GET")
+        v = model.select(name, version, None)
+        sig = v.signatures.get("serving_default") or next(iter(v.signatures.values()))
+
+        def tensors(sigs: dict[str, TensorSig]) -> list[dict[str, Any]]:
+            return [{"name": t.alias, "datatype": DTYPES.get(t.dtype, ("", t.dtype.upper(), None))[1],
+                     "shape": list(t.shape) if t.shape is not None else [-1]} for t in sigs.values()]
+
+        return 200, {"name": name, "versions": [str(n) for n in sorted(model.versions)],
+                     "platform": "tensorflow_savedmodel",
+                     "inputs": tensors(sig.inputs), "outputs": tensors(sig.output_sigs)}
+
+    def v2_post(self, path: str, body: bytes) -> tuple[int, Any, str]:
+        name, version, rest = self._v2_parse(path)
+        if rest != ["infer"]:
+            raise self._no_route(path, "POST")
+        v = self.model.select(name, version, None)
+        req = parse_json(body)
+        if not isinstance(req, dict):
+            raise bad("the request body must be a JSON object with 'inputs'")
+        sig = v.signatures.get("serving_default") or next(iter(v.signatures.values()))
+        items = req.get("inputs")
+        if not isinstance(items, list) or not items:
+            raise bad("'inputs' must be a non-empty list of {name, shape, datatype, data}")
+        inputs: dict[str, np.ndarray] = {}
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise bad(f"inputs[{i}] must be an object with name, shape, datatype and data")
+            iname, shape, dtype = item.get("name"), item.get("shape"), item.get("datatype")
+            if not isinstance(iname, str) or iname not in sig.inputs:
+                raise bad(f"inputs[{i}]: unknown input {iname!r}; the model's inputs are {sorted(sig.inputs)}")
+            if iname in inputs:
+                raise bad(f"inputs[{i}]: input '{iname}' given twice")
+            tsig = sig.inputs[iname]
+            want = DTYPES.get(tsig.dtype, ("", "", None))[1]
+            if dtype != want:
+                raise bad(f"input '{iname}': datatype {dtype!r} does not match the model's {want}")
+            if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                      for d in shape):
+                raise bad(f"input '{iname}': 'shape' must be a list of non-negative integers")
+            if "data" not in item:
+                raise bad(f"input '{iname}': 'data' is missing")
+            arr = to_array(item["data"], TensorSig(iname, tsig.dtype, None, tsig.np_dtype), f"input '{iname}'")
+            if arr.size != math.prod(shape):
+                raise bad(f"input '{iname}': 'data' has {arr.size} elements, 'shape' {shape} needs {math.prod(shape)}")
+            arr = arr.reshape(shape)
+            tsig.check(arr, f"input '{iname}'")
+            inputs[iname] = arr
+        missing = sorted(set(sig.inputs) - set(inputs))
+        if missing:
+            raise bad(f"missing inputs {missing}")
+        wanted = sig.outputs
+        req_out = req.get("outputs")
+        if req_out is not None:
+            if not isinstance(req_out, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in req_out):
+                raise bad("'outputs' must be a list of {\"name\": ...}")
+            wanted = [o["name"] for o in req_out]
+            unknown = sorted(set(wanted) - set(sig.outputs))
+            if unknown:
+                raise bad(f"unknown outputs {unknown}; the model's outputs are {sig.outputs}")
+        outs = self._run(v, sig, inputs)
+        out = {"model_name": name, "model_version": v.label,
+               "outputs": [{"name": k, "shape": list(outs[k].shape),
+                            "datatype": DTYPES.get(sig.output_sigs[k].dtype, ("", "BYTES", None))[1],
+                            "data": outs[k].reshape(-1)} for k in wanted]}
+        rid = req.get("id")
+        if rid is not None:
+            out["id"] = rid if isinstance(rid, str) else str(rid)
+        return 200, out, v.label
+
+    # -- admin / monitor --
+    async def admin_reload(self, scope: dict) -> tuple[int, Any]:
+        client = (scope.get("client") or ("", 0))[0]
+        if client not in LOOPBACK:
+            raise ApiError(403, "reload is only accepted from loopback clients")
+        try:
+            return 200, await self.reload()
+        except ValueError as exc:
+            raise bad(f"routing not changed: {exc}") from None
+
+    def drift(self, path: str, query: bytes) -> tuple[int, Any]:
+        parts = path[len("/monitor/v1/models/"):].split("/")
+        if len(parts) != 2 or parts[1] != "drift":
+            raise not_found(f"no such endpoint: GET {path} (use /monitor/v1/models/<name>/drift)")
+        name = parts[0]
+        params = dict(p.split("=", 1) for p in query.decode("latin-1").split("&") if "=" in p)
+        version = params.get("version")
+        label = params.get("label")
+        if version is not None and not version.isdigit():
+            raise bad("'version' must be an integer")
+        model = self.model
+        v = model.select(name, version, label) if (version or label) else (model.check_name(name) or model.default)
+        per_version = {
+            x.label: {"scored": x.scored, "outliers": x.outliers,
+                      "outlier_rate": (x.outliers / x.scored) if x.scored else 0.0,
+                      "threshold": x.concept.threshold if x.concept else None,
+                      "predictions": x.predictions}
+            for x in model.versions.values()
+        }
+        if v is None:
+            return 200, {"model_name": name, "version": None, "drift_scoring": False, "versions": per_version}
+        out: dict[str, Any] = {"model_name": name, "version": v.label, "drift_scoring": v.concept is not None,
+                               "scored": v.scored, "outliers": v.outliers,
+                               "outlier_rate": (v.outliers / v.scored) if v.scored else 0.0,
+                               "versions": per_version}
+        if v.concept is None:
+            return 200, out
+        c = v.concept
+        recent = v.recent()
+        window_out = int(np.count_nonzero(~(recent <= c.threshold)))
+        out.update({
+            "threshold": c.threshold, "quantile": c.quantile,
+            "window": {"size": int(recent.size), "outliers": window_out,
+                       "outlier_rate": window_out / recent.size if recent.size else 0.0,
+                       "capacity": RING_SIZE},
+            "training_histogram": {"edges": c.edges, "counts": c.train_counts} if c.edges is not None else None,
+            "recent_errors": recent[-RECENT_CAP:],
+        })
+        if c.edges is not None:
+            finite = recent[np.isfinite(recent)]
+            counts, _ = np.histogram(finite, bins=c.edges)
+            out["live_histogram"] = {"edges": c.edges, "counts": counts,
+                                     "underflow": int(np.count_nonzero(finite < c.edges[0])),
+                                     "overflow": int(np.count_nonzero(finite > c.edges[-1])) + int(recent.size - finite.size)}
+        else:
+            out["live_histogram"] = None
+        return 200, out
+
+
+# =============================================================================== main
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno in (98, 48, 10048):  # EADDRINUSE (Linux, macOS, Windows)
+            raise SystemExit(f"serve: port {port} on {host} is already in use "
+                             f"(stop what listens there, or pick another port)") from None
+        raise SystemExit(f"serve: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="mlflowctl model server (TF Serving REST + Open Inference V2 + drift)")
+    p.add_argument("--model-name", default=os.environ.get("MODEL_NAME", "model"))
+    p.add_argument("--base-path", default=None, help="registry folder of the model (default $MODEL_BASE_PATH/<name>)")
+    p.add_argument("--routing", default=os.environ.get("ROUTING_FILE") or None,
+                   help="routing JSON; without it the highest version is served")
+    p.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8501")))
+    p.add_argument("--max-body-bytes", type=int, default=int(os.environ.get("MAX_BODY_BYTES", DEFAULT_MAX_BODY)))
+    p.add_argument("--intra-op-threads", type=int, default=int(os.environ.get("TF_INTRA_OP_THREADS", "1")),
+                   help="TensorFlow intra-op threads (1 is fastest for small batches; 0 = TF's default)")
+    p.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"),
+                   choices=["debug", "info", "warning", "error"])
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="serve: %(message)s", stream=sys.stdout)
+    base = Path(args.base_path or os.path.join(os.environ.get("MODEL_BASE_PATH", "/models"), args.model_name)).resolve()
+    routing_path = Path(args.routing).resolve() if args.routing else None
+    if args.max_body_bytes < 1024:
+        raise SystemExit("serve: --max-body-bytes must be at least 1024")
+
+    sock = bind_socket(args.host, args.port)  # fail fast (port in use) before the slow TF import
+    try:
+        import uvicorn
+    except ImportError:
+        raise SystemExit("serve: uvicorn is not installed (pip install uvicorn orjson prometheus-client)") from None
+
+    tf = _tf()
+    if args.intra_op_threads > 0:
+        tf.config.threading.set_intra_op_parallelism_threads(args.intra_op_threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    if not base.is_dir():
+        log.warning("model base path %s does not exist (yet); nothing is served until versions appear there", base)
+    model = Model(args.model_name, base, routing_path)
+    metrics = Metrics(args.model_name)
+    model.on_load, model.on_unload = metrics.on_load, metrics.on_unload
+    try:
+        model.reload()
+    except ValueError as exc:
+        raise SystemExit(f"serve: {exc}") from None
+    app = App(model, metrics, args.max_body_bytes)
+
+    loop_impl = "auto"
+    http_impl = "auto"
+    config = uvicorn.Config(app, loop=loop_impl, http=http_impl, lifespan="on", access_log=False,
+                            log_level="warning", server_header=False, date_header=False,
+                            timeout_graceful_shutdown=5, backlog=1024)
+    host_url = f"[{args.host}]" if ":" in args.host else args.host
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):  # noqa: D401 - uvicorn hook
+            await super().startup(sockets=sockets)
+            if self.started:
+                d = model.describe()
+                labels = ", ".join(f"{k}={v}" for k, v in sorted(d["labels"].items())) or "none"
+                print(f"serve: model '{model.name}' versions {sorted(model.versions)} (labels: {labels}"
+                      f"{', canary weight %g' % model.canary_weight if model.canary else ''}) "
+                      f"at http://{host_url}:{args.port}/v1/models/{model.name} (V2 at /v2, metrics at /metrics)",
+                      flush=True)
+
+    server = Server(config)
+    server.run(sockets=[sock])
+    print("serve: stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

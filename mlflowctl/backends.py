@@ -1,0 +1,115 @@
+"""The execution-backend contract: run one stage, stream its log, cancel cleanly.
+
+A backend receives a :class:`StageRun` whose paths are all local to the
+orchestrator's machine (the store has already mapped its locations to
+directories); it makes them visible to the stage (as they are, as bind
+mounts, as volumes) and runs ``run.command`` with ``run.env`` plus one
+variable per input and output directory.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, TextIO
+
+from mlflowctl.config import Setting
+from mlflowctl.errors import Cancelled  # noqa: F401  (re-exported for backend authors)
+
+
+@dataclass
+class StageRun:
+    """Everything a backend needs to run one stage."""
+
+    stage: str
+    command: list[str]          # e.g. ["python", "train_model.py"], relative to workdir
+    workdir: Path               # the stage code folder (image/)
+    env: dict[str, str]         # parameters as environment variables
+    inputs: dict[str, Path]     # env var -> local directory holding an upstream result (read only)
+    outputs: dict[str, Path]    # env var -> local, empty directory the stage writes
+    log_path: Path              # where the full log goes (published with the outputs)
+    key: str = ""               # the cache key of this run
+    timeout: float | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    echo: Callable[[str], None] | None = None  # where live lines go; default: print with a prefix
+
+    def emit(self, line: str) -> None:
+        """Stream one line of stage output live, prefixed by the stage name."""
+        line = line.rstrip("\n")
+        if self.echo is not None:
+            self.echo(line)
+        else:
+            print(f"[{self.stage}] {line}", flush=True)
+
+
+@dataclass
+class StageResult:
+    """How a stage run ended."""
+
+    exit_code: int
+    duration: float
+    log_path: Path
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+class Backend:
+    """Base class of execution backends; subclass it and add it with ``registry.add_backend``.
+
+    ``settings`` declares the keys of ``backends.<name>`` in ``mlflowctl.yaml``.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    settings: ClassVar[dict[str, Setting]] = {}
+
+    def __init__(self, settings: dict[str, Any], project: Any) -> None:
+        self.config = settings
+        self.project = project
+
+    def preflight(self) -> None:
+        """Check the backend can run stages at all; raise an ``MlflowctlError`` saying what to do."""
+
+    def profile(self) -> dict[str, Any]:
+        """What about this backend changes a stage's results: joins every stage's cache key."""
+        return {"backend": self.name}
+
+    def run(self, run: StageRun) -> StageResult:  # pragma: no cover - abstract
+        """Run the stage to the end, streaming lines through ``run.emit`` and to ``run.log_path``.
+
+        Must return (or raise ``KeyboardInterrupt``/``Cancelled``) promptly after
+        ``run.cancelled`` is set, leaving no process or container behind.
+        """
+        raise NotImplementedError
+
+    def render(self, run: StageRun, folder: Path) -> list[Path]:
+        """Write what would be executed (scripts, manifests) into ``folder`` without running it."""
+        return []
+
+
+class LogWriter:
+    """Write stage output to the log file and stream it live, line by line."""
+
+    def __init__(self, run: StageRun) -> None:
+        self.run = run
+        run.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._file: TextIO = open(run.log_path, "a", encoding="utf-8", errors="replace")
+        self.tail: list[str] = []
+
+    def line(self, text: str) -> None:
+        self._file.write(text if text.endswith("\n") else text + "\n")
+        self._file.flush()
+        self.tail = (self.tail + [text.rstrip("\n")])[-20:]
+        self.run.emit(text)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "LogWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,181 @@
+"""The ``mlflowctl`` command: inspect plugins, stages, model versions and the local server.
+
+The pipeline itself runs with ``doit`` (``doit``, ``doit backend=docker``).
+Imports stay lazy so ``mlflowctl --help`` starts at once.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from mlflowctl.errors import EXIT_OK, MlflowctlError
+
+EXIT_CODES = """\
+exit codes: 0 ok, 1 a stage failed, 2 a stage could not run, 3 bad config or input,
+            4 plugin error, 5 external system unreachable, 6 quality gate failed"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mlflowctl", description="Inspect the pipeline run by `doit`: plugins, stages, model versions, serving.",
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-C", "--project", default=".", help="project folder (holding mlflowctl.yaml and dodo.py)")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for doit")
+        return p
+
+    add("plugins", "list every plugin, where it came from, and what it provides")
+    add("status", "each stage: up to date, or why it will re-run")
+    add("models", "registered model versions, their metrics and serving state")
+    add("config", "the effective configuration after overrides (secrets hidden)")
+    serve = add("serve", "start, stop or inspect the serving target")
+    serve.add_argument("action", choices=("start", "stop", "status"))
+    add("rollback", "make the previous stable version stable again")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.version:
+        from mlflowctl import __version__
+
+        print(f"mlflowctl {__version__}")
+        return EXIT_OK
+    if not args.command:
+        _parser().print_help()
+        return EXIT_OK
+    try:
+        from mlflowctl.config import parse_override
+
+        overrides = dict(parse_override(item) for item in args.overrides)
+        handler = globals()[f"cmd_{args.command}"]
+        return handler(Path(args.project), overrides, args) or EXIT_OK
+    except MlflowctlError as exc:
+        print(f"mlflowctl: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("mlflowctl: interrupted", file=sys.stderr)
+        return 130
+
+
+def _project(root: Path, overrides: dict[str, str]) -> Any:
+    from mlflowctl.project import Project
+
+    return Project(root, overrides)
+
+
+def load_pipeline(root: Path, overrides: dict[str, str]) -> Any:
+    """The project's pipeline as ``dodo.py`` declares it, without running doit."""
+    import runpy
+
+    from mlflowctl import doit_glue
+    from mlflowctl.errors import ConfigError
+
+    project = _project(root, overrides)
+    doit_glue.use_project(project)
+    dodo = project.root / "dodo.py"
+    if not dodo.is_file():
+        raise ConfigError(f"{dodo}: not found", hint="run mlflowctl from the project folder or pass -C")
+    sys.path.insert(0, str(project.root))
+    try:
+        namespace = runpy.run_path(str(dodo), run_name="dodo")
+    finally:
+        sys.path.remove(str(project.root))
+    for name, creator in namespace.items():
+        if name.startswith("task_") and callable(creator):
+            creator()
+    return doit_glue.pipeline()
+
+
+def cmd_plugins(root: Path, overrides: dict[str, str], args: Any) -> int:
+    from mlflowctl.plugin_manager import build_plugin_manager
+
+    pm = build_plugin_manager()
+    for info in pm.infos:
+        print(f"{info.name}  ({info.source}, module {info.module})")
+        if info.provides:
+            print(f"    provides: {', '.join(info.provides)}")
+        if info.hooks:
+            print(f"    hooks:    {', '.join(info.hooks)}")
+    return EXIT_OK
+
+
+def cmd_status(root: Path, overrides: dict[str, str], args: Any) -> int:
+    pipeline = load_pipeline(root, overrides)
+    width = max(len(name) for name in pipeline.stages)
+    for name, stage in pipeline.stages.items():
+        fresh, reasons = pipeline.explain(stage)
+        state = "up to date" if fresh else "will run: " + "; ".join(reasons)
+        print(f"{name:<{width}}  {state}")
+    return EXIT_OK
+
+
+def cmd_models(root: Path, overrides: dict[str, str], args: Any) -> int:
+    project = _project(root, overrides)
+    registry = project.models
+    versions = registry.versions()
+    if not versions:
+        print(f"model {registry.name}: no versions yet (run: doit)")
+        return EXIT_OK
+    labels = registry.labels()
+    by_number: dict[int, list[str]] = {}
+    for label, number in labels.items():
+        by_number.setdefault(number, []).append(label)
+    print(f"model {registry.name} in {project.store.url}")
+    for v in versions:
+        metrics = v.metadata.get("metrics", {})
+        acc = metrics.get("accuracy")
+        acc_text = f"accuracy {acc:.4f}" if isinstance(acc, (int, float)) else "accuracy ?"
+        params = v.metadata.get("params", {})
+        param_text = ", ".join(f"{k}={params[k]}" for k in ("learning_rate", "epochs", "steps") if k in params)
+        verdict = registry.verdict(v.number)
+        state = ",".join(sorted(by_number.get(v.number, []))) or verdict.get("state", "registered")
+        reason = verdict.get("reason", "")
+        print(f"  {v.number:>3}  {state:<12} {acc_text}  {param_text}" + (f"  ({reason})" if reason else ""))
+    return EXIT_OK
+
+
+def cmd_config(root: Path, overrides: dict[str, str], args: Any) -> int:
+    import json
+
+    from mlflowctl.config import full_schema, public
+
+    project = _project(root, overrides)
+    print(json.dumps(public(project.config.data, full_schema(project.pm.registry)), indent=2, sort_keys=True))
+    return EXIT_OK
+
+
+def cmd_serve(root: Path, overrides: dict[str, str], args: Any) -> int:
+    import json
+
+    project = _project(root, overrides)
+    target = project.serving
+    if args.action == "start":
+        endpoint = target.start()
+        if endpoint is not None:
+            print(endpoint.predict_url)
+    elif args.action == "stop":
+        target.stop()
+    else:
+        status = target.status()
+        print(json.dumps(status, indent=2, sort_keys=True, default=str))
+    return EXIT_OK
+
+
+def cmd_rollback(root: Path, overrides: dict[str, str], args: Any) -> int:
+    from mlflowctl.promotion import rollback
+
+    project = _project(root, overrides)
+    number = rollback(project)
+    print(f"model {project.model_name}: version {number} is stable again")
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""``mlflowctl.yaml``: the schema, loading, validation and ``key=value`` overrides.
+
+The schema is a table of known keys (like doit's table of task fields):
+nested dicts are sections, :class:`Setting` objects are leaves. Plugins add
+the sections for their own settings (``backends.<name>``,
+``stores.<scheme>``, ``serving.<target>``) through the ``settings``
+attribute of their classes. Every error names the file, the key path and
+what was expected, on one line.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from mlflowctl.errors import ConfigError
+
+CONFIG_FILE = "mlflowctl.yaml"
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+               list: "a list", dict: "a mapping"}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configuration key: its type, default, and what it means.
+
+    ``secret`` settings may be given as ``{"$env": "VAR"}`` or
+    ``{"$file": "path"}``; they are resolved at load time and never enter a
+    cache key, a log or a model's metadata.
+    """
+
+    type: type
+    default: Any = REQUIRED
+    help: str = ""
+    choices: tuple[Any, ...] = ()
+    secret: bool = False
+    env: str = ""  # the environment variable a stage sees this as (stage settings only)
+
+    def coerce(self, value: Any, where: str) -> Any:
+        """Check (and for strings from the command line, convert) ``value``."""
+        t = self.type
+        if self.secret and isinstance(value, Mapping):
+            value = resolve_secret(value, where)
+        if isinstance(value, str) and t is not str:
+            value = _parse_string(value, t, where)
+        if t is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if t is list and isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, t) or (t is int and isinstance(value, bool)):
+            raise ConfigError(f"{where}: expected {_TYPE_NAMES.get(t, t.__name__)}, got {value!r}")
+        if self.choices and value not in self.choices:
+            raise ConfigError(f"{where}: expected one of {', '.join(map(str, self.choices))}, got {value!r}")
+        return value
+
+
+def _parse_string(text: str, t: type, where: str) -> Any:
+    try:
+        if t is bool:
+            low = text.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if t is int:
+            return int(text)
+        if t is float:
+            return float(text)
+        if t in (list, dict):
+            if text.strip().startswith(("[", "{")):
+                return json.loads(text)
+            if t is list:
+                return [item.strip() for item in text.split(",") if item.strip()]
+    except ValueError:
+        pass
+    raise ConfigError(f"{where}: expected {_TYPE_NAMES.get(t, t.__name__)}, got {text!r}")
+
+
+def resolve_secret(value: Mapping[str, Any], where: str) -> str:
+    """Resolve ``{"$env": VAR}`` / ``{"$file": path}`` at read time."""
+    if set(value) == {"$env"}:
+        var = value["$env"]
+        if var not in os.environ:
+            raise ConfigError(f"{where}: environment variable {var} is not set", hint=f"export {var}=...")
+        return os.environ[var]
+    if set(value) == {"$file"}:
+        try:
+            return Path(os.path.expanduser(value["$file"])).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read secret file {value['$file']}: {exc.strerror}") from None
+    raise ConfigError(f'{where}: a secret is a string, {{"$env": "VAR"}} or {{"$file": "path"}}, got {dict(value)!r}')
+
+
+# Plugin sections: the name of the key in the section that selects the plugin, and the registry table.
+PLUGIN_SECTIONS = {"backends": "backends", "stores": "stores", "serving": "serving_targets"}
+
+
+def _stage(**settings: Setting) -> dict[str, Setting]:
+    return {name: (s if s.env else Setting(s.type, s.default, s.help, s.choices, s.secret, name.upper()))
+            for name, s in settings.items()}
+
+
+SCHEMA: dict[str, Any] = {
+    "project": Setting(str, "mnist", "project name: names images, jobs and the state folder's content"),
+    "model_name": Setting(str, "mnist", "name of the model in the registry (models/<name>/<N>/)"),
+    "backend": Setting(str, "local", "where stages run: local, docker, k8s, or a plugin's backend"),
+    "store": Setting(str, "file://.mlflowctl/store", "artifact store URL: file://path, s3://bucket/prefix, pvc://claim/path"),
+    "data": _stage(
+        dataset=Setting(str, "fashion-mnist", "dataset to fetch", choices=("fashion-mnist", "mnist")),
+        sources=Setting(list, [], "ordered base URLs/paths tried for the IDX files (empty: the dataset's defaults)",
+                        env="DATA_SOURCES"),
+        download_timeout=Setting(float, 30.0, "seconds per download attempt"),
+    ),
+    "train_model": _stage(
+        learning_rate=Setting(float, 0.001, "Adam learning rate"),
+        epochs=Setting(int, 5, "training epochs"),
+        steps=Setting(int, 0, "steps per epoch (0: the whole training set)"),
+        batch_size=Setting(int, 128, "batch size"),
+        seed=Setting(int, 42, "random seed"),
+    ),
+    "train_concept": _stage(
+        learning_rate=Setting(float, 0.001, "Adam learning rate of the autoencoder"),
+        epochs=Setting(int, 5, "training epochs"),
+        steps=Setting(int, 0, "steps per epoch (0: the whole training set)"),
+        batch_size=Setting(int, 128, "batch size"),
+        threshold_quantile=Setting(float, 0.99, "quantile of training reconstruction errors used as drift threshold"),
+        seed=Setting(int, 42, "random seed"),
+    ),
+    "integration_test": _stage(
+        min_accuracy=Setting(float, 0.8, "accuracy floor on clean held-out images: below it the version is not promoted"),
+        samples=Setting(int, 1000, "held-out images sent to the endpoint"),
+        batch_size=Setting(int, 100, "images per request"),
+        noise=Setting(float, 0.5, "std-dev of the Gaussian noise added for the out-of-distribution part"),
+        timeout=Setting(float, 30.0, "seconds per request"),
+    ),
+    "monitor": _stage(
+        max_drift_rate=Setting(float, 0.5, "share of out-of-distribution requests above which monitor fails"),
+    ),
+    "backends": {},
+    "stores": {},
+    "serving": {"target": Setting(str, "local", "serving target: local, tfserving, seldon, hydrosphere, or a plugin's")},
+}
+
+
+@dataclass
+class Config:
+    """The validated configuration: plain nested dicts plus where each value came from."""
+
+    data: dict[str, Any]
+    path: Path
+    overrides: dict[str, str] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
+
+    def get(self, dotted: str, default: Any = None) -> Any:
+        node: Any = self.data
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return default
+            node = node[part]
+        return node
+
+
+def _suggest(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    return f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(known))}"
+
+
+def _validate_section(raw: Any, schema: dict[str, Any], where: str, fname: str) -> dict[str, Any]:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{fname}: {where or 'top level'}: expected a mapping, got {raw!r}")
+    out: dict[str, Any] = {}
+    for key in raw:
+        if key not in schema:
+            path = f"{where}.{key}" if where else str(key)
+            raise ConfigError(f"{fname}: {path}: unknown key{_suggest(str(key), list(schema))}")
+    for key, spec in schema.items():
+        path = f"{where}.{key}" if where else key
+        if isinstance(spec, Setting):
+            if key in raw and raw[key] is not None:
+                out[key] = spec.coerce(raw[key], f"{fname}: {path}")
+            elif spec.default is REQUIRED:
+                raise ConfigError(f"{fname}: {path}: missing value ({spec.help})")
+            else:
+                out[key] = list(spec.default) if isinstance(spec.default, list) else spec.default
+        else:
+            out[key] = _validate_section(raw.get(key), spec, path, fname)
+    return out
+
+
+def full_schema(registry: Any = None) -> dict[str, Any]:
+    """The core schema plus each plugin's section (``backends.docker``, ``serving.local``, ...)."""
+    schema = {k: (dict(v) if isinstance(v, dict) else v) for k, v in SCHEMA.items()}
+    if registry is not None:
+        for section, table in PLUGIN_SECTIONS.items():
+            for name, cls in getattr(registry, table).items():
+                schema[section][name] = dict(getattr(cls, "settings", {}) or {})
+    return schema
+
+
+def parse_override(item: str) -> tuple[str, str]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. train_model.learning_rate=0.002")
+    key, value = item.split("=", 1)
+    return key.strip(), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, str], schema: dict[str, Any]) -> None:
+    """Set ``a.b.c=value`` overrides into ``raw`` (before validation coerces them)."""
+    for dotted, value in overrides.items():
+        node, spec = raw, schema
+        parts = dotted.split(".")
+        for i, part in enumerate(parts):
+            where = ".".join(parts[: i + 1])
+            if not isinstance(spec, dict) or part not in spec:
+                known = list(spec) if isinstance(spec, dict) else []
+                raise ConfigError(f"override {dotted}={value}: {where}: unknown key{_suggest(part, known)}")
+            spec = spec[part]
+            if i == len(parts) - 1:
+                if not isinstance(spec, Setting):
+                    raise ConfigError(f"override {dotted}={value}: {where} is a section, not a value")
+                node[part] = value
+            else:
+                child = node.get(part)
+                if not isinstance(child, dict):
+                    child = node[part] = {}
+                node = child
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found", hint="create it, or run from the project folder") from None
+    try:
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        raw = yaml.load(text, Loader=loader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path.name}:{at}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path.name}: expected a mapping at the top level")
+    return raw
+
+
+def load_config(path: Path, overrides: Mapping[str, str] | None = None, registry: Any = None) -> Config:
+    """Read, override and validate ``mlflowctl.yaml``."""
+    schema = full_schema(registry)
+    raw = read_yaml(path)
+    overrides = dict(overrides or {})
+    apply_overrides(raw, overrides, schema)
+    data = _validate_section(raw, schema, "", path.name)
+    return Config(data=data, path=path, overrides=overrides)
+
+
+def stage_env(section: str, values: dict[str, Any]) -> dict[str, str]:
+    """The environment variables a stage sees for its config section."""
+    env = {}
+    for key, spec in SCHEMA[section].items():
+        value = values[key]
+        env[spec.env] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return env
+
+
+def public(values: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    """``values`` without secret settings: what may enter cache keys, logs and metadata."""
+    out = {}
+    for key, value in values.items():
+        spec = schema.get(key)
+        if isinstance(spec, Setting) and spec.secret:
+            continue
+        out[key] = public(value, spec) if isinstance(value, dict) and isinstance(spec, dict) else value
+    return out

@@ -1,0 +1,122 @@
+"""The glue between doit and mlflowctl: the project of this run, and stage tasks.
+
+``dodo.py`` calls :func:`load` once; each module in ``tasks/`` turns a
+:class:`~mlflowctl.pipeline.Stage` into a doit task with :func:`stage_task`.
+Every doit ``key=value`` variable is a config override
+(``doit backend=docker train_model.learning_rate=0.002``).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from mlflowctl.errors import MlflowctlError
+from mlflowctl.pipeline import Pipeline, Stage, install_interrupt_handler
+from mlflowctl.state import STATE_DIR
+
+_project: Any = None
+_stages: dict[str, Stage] = {}
+_pipeline: Pipeline | None = None
+
+
+def doit_config(root: str | Path) -> dict[str, Any]:
+    """``DOIT_CONFIG`` for a project: doit's database in the state folder, live output, threads for ``-n``."""
+    return {
+        "dep_file": str(Path(root) / STATE_DIR / "doit.json"),
+        "backend": "json",
+        "verbosity": 2,
+        "par_type": "thread",
+        "action_string_formatting": "new",
+    }
+
+
+def command_line_overrides() -> dict[str, str]:
+    """The ``key=value`` variables doit parsed from its command line."""
+    from doit import doit_cmd
+
+    return dict(getattr(doit_cmd, "_CMDLINE_VARS", None) or {})
+
+
+def load(root: str | Path, overrides: dict[str, str] | None = None) -> Any:
+    """Build this run's project (plugins, validated config, state folder); exit with one line on error."""
+    global _project, _pipeline
+    from mlflowctl.project import Project
+
+    if _project is not None and _project.root == Path(root).resolve():
+        return _project  # set by the CLI or a test with use_project()
+    try:
+        _project = Project(Path(root), command_line_overrides() if overrides is None else overrides)
+    except MlflowctlError as exc:
+        print(f"mlflowctl: {exc}", file=sys.stderr)
+        raise SystemExit(exc.exit_code) from None
+    _pipeline = None
+    install_interrupt_handler()
+    return _project
+
+
+def use_project(project: Any) -> None:
+    """Make ``project`` the current one (the CLI and tests build their own)."""
+    global _project, _pipeline
+    _project, _pipeline = project, None
+
+
+def project() -> Any:
+    if _project is None:
+        raise MlflowctlError("no mlflowctl project loaded", hint="dodo.py must call mlflowctl.doit_glue.load(__file__)")
+    return _project
+
+
+def pipeline() -> Pipeline:
+    """The pipeline of every stage task created so far (all of them, once doit has loaded the tasks)."""
+    global _pipeline
+    if _pipeline is None or set(_pipeline.stages) != set(_stages):
+        _pipeline = Pipeline(project(), list(_stages.values()))
+    return _pipeline
+
+
+def stage_task(stage: Stage) -> dict[str, Any]:
+    """A doit task dict that runs ``stage`` through the backend when its result is not in the store."""
+    _stages[stage.name] = stage
+    return {
+        "actions": [(_run, [stage.name])],
+        "uptodate": [_Uptodate(stage.name)],
+        "task_dep": list(stage.upstream),
+        "doc": stage.doc,
+        "verbosity": 2,
+        "meta": {"stage": stage},
+    }
+
+
+class _Uptodate:
+    """doit ``uptodate`` check: does the store hold a complete result for the stage's current key?"""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self) -> bool:
+        try:
+            p = pipeline()
+            return p.is_complete(p.stages[self.name])
+        except MlflowctlError as exc:
+            print(f"mlflowctl: {exc}", file=sys.stderr)
+            raise SystemExit(exc.exit_code) from None
+
+
+_preflight_done: set[int] = set()
+
+
+def _run(name: str) -> Any:
+    from doit.exceptions import TaskFailed
+
+    p = pipeline()
+    try:
+        stage = p.stages[name]
+        if stage.command and id(p.project.backend) not in _preflight_done:
+            p.project.store.preflight()
+            p.project.backend.preflight()
+            _preflight_done.add(id(p.project.backend))
+        p.run(name)
+    except MlflowctlError as exc:
+        return TaskFailed(f"mlflowctl: {exc}")
+    return None

@@ -1,0 +1,140 @@
+"""The model registry: integer versions under ``models/<name>/<N>/`` in the store.
+
+The layout is the one TensorFlow Serving reads directly: each version folder
+holds the classifier's SavedModel, plus ``concept/`` (the drift
+autoencoder and its threshold) and ``metadata.json``. Version numbers are
+allocated by publishing: the store's atomic publish refuses an existing
+version, so two registrations never get the same number and a killed one
+leaves nothing behind. Labels (``stable``, ``canary``) and each version's
+verdict live beside the versions in ``labels.json`` and ``status/<N>.json``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlflowctl.errors import MlflowctlError
+from mlflowctl.stores import Store
+
+MAX_ALLOCATION_TRIES = 1000
+
+
+@dataclass
+class ModelVersion:
+    """One registered version of a model."""
+
+    name: str
+    number: int
+    path: str  # the store path, models/<name>/<N>
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class ModelRegistry:
+    """Versions, labels and verdicts of one model name in one store."""
+
+    def __init__(self, store: Store, name: str) -> None:
+        self.store = store
+        self.name = name
+        self.base = f"models/{name}"
+
+    def numbers(self) -> list[int]:
+        return sorted(int(n) for n in self.store.list(self.base) if n.isdigit())
+
+    def get(self, number: int) -> ModelVersion:
+        path = f"{self.base}/{number}"
+        if not self.store.exists(path):
+            raise MlflowctlError(f"model {self.name} has no version {number}", hint="mlflowctl models lists them")
+        meta = self.store.read_json(f"{path}/metadata.json", default={})
+        return ModelVersion(self.name, number, path, meta)
+
+    def versions(self) -> list[ModelVersion]:
+        return [self.get(n) for n in self.numbers()]
+
+    def register(self, src: Path, metadata: dict[str, Any]) -> ModelVersion:
+        """Publish the local folder ``src`` as the next version; returns it.
+
+        ``metadata.json`` is written into ``src`` first, so a version is
+        never visible without its metadata.
+        """
+        import json
+
+        numbers = self.numbers()
+        number = (numbers[-1] if numbers else 0) + 1
+        for _ in range(MAX_ALLOCATION_TRIES):
+            meta = {**metadata, "name": self.name, "version": number, "registered_at": time.time()}
+            (src / "metadata.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            if self.store.publish(src, f"{self.base}/{number}", manifest={"kind": "model-version"}):
+                return ModelVersion(self.name, number, f"{self.base}/{number}", meta)
+            number += 1
+        raise MlflowctlError(f"could not allocate a version number for model {self.name}")
+
+    # -- labels and verdicts -------------------------------------------
+    def labels(self) -> dict[str, int]:
+        return self.store.read_json(f"{self.base}/labels.json", default={}) or {}
+
+    def set_label(self, label: str, number: int | None) -> dict[str, int]:
+        labels = self.labels()
+        if number is None:
+            labels.pop(label, None)
+        else:
+            labels[label] = number
+        self.store.write_json(f"{self.base}/labels.json", labels)
+        return labels
+
+    def verdict(self, number: int) -> dict[str, Any]:
+        return self.store.read_json(f"{self.base}/status/{number}.json", default={}) or {}
+
+    def set_verdict(self, number: int, state: str, reason: str, **extra: Any) -> None:
+        """Record why a version is (or is not) served: promoted, rejected, rolled-back, ..."""
+        history = self.verdict(number).get("history", [])
+        entry = {"state": state, "reason": reason, "time": time.time(), **extra}
+        self.store.write_json(f"{self.base}/status/{number}.json", {**entry, "history": history + [entry]})
+
+
+def register_trained_model(project: Any, ctx: Any) -> None:
+    """Stage action of ``register``: copy the classifier and its concept model into a new version.
+
+    The version folder is TF Serving's layout (the SavedModel at its top) plus
+    ``concept/`` (the autoencoder SavedModel and ``threshold.json``) and
+    ``metadata.json`` (params, metrics, data and code digests, time).
+    """
+    import json
+    import shutil
+
+    model_dir, concept_dir = ctx.inputs["MODEL_DIR"], ctx.inputs["CONCEPT_DIR"]
+    if not (model_dir / "saved_model" / "saved_model.pb").is_file():
+        raise MlflowctlError(f"register: {model_dir} holds no saved_model/saved_model.pb", hint="doit train_model")
+
+    def read(path: Path) -> dict[str, Any]:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    model_manifest, concept_manifest = read(model_dir / "_manifest.json"), read(concept_dir / "_manifest.json")
+    metadata = {
+        "metrics": read(model_dir / "metrics.json"),
+        "concept_metrics": read(concept_dir / "metrics.json"),
+        "params": model_manifest.get("components", {}).get("params", {}),
+        "concept_params": concept_manifest.get("components", {}).get("params", {}),
+        "data_digest": model_manifest.get("components", {}).get("inputs", {}).get("data"),
+        "code_digests": {**model_manifest.get("components", {}).get("code", {}),
+                         **{f"concept:{k}": v for k, v in concept_manifest.get("components", {}).get("code", {}).items()}},
+        "model_digest": model_manifest.get("digest"),
+        "concept_digest": concept_manifest.get("digest"),
+        "backend": model_manifest.get("components", {}).get("backend", {}),
+    }
+    with project.store.staging("version") as version_dir:
+        shutil.copytree(model_dir / "saved_model", version_dir, dirs_exist_ok=True)
+        if (concept_dir / "saved_model" / "saved_model.pb").is_file():
+            shutil.copytree(concept_dir / "saved_model", version_dir / "concept")
+            if (concept_dir / "threshold.json").is_file():
+                shutil.copyfile(concept_dir / "threshold.json", version_dir / "concept" / "threshold.json")
+        version = project.models.register(version_dir, metadata)
+    accuracy = metadata["metrics"].get("accuracy")
+    shown = f", test accuracy {accuracy:.4f}" if isinstance(accuracy, (int, float)) else ""
+    ctx.log.line(f"registered {version.name} version {version.number}{shown}")
+    (ctx.output / "version.json").write_text(json.dumps({"name": version.name, "version": version.number}) + "\n")
+    project.pm.hook.mlflowctl_model_registered(version=version)

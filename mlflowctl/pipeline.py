@@ -1,0 +1,327 @@
+"""Stages, their cache keys, and running one stage through the backend and the store.
+
+A stage's cache key is the digest of exactly what decides its result: its
+command, its code files, its parameters (after overrides), the backend's
+profile, and the digests of its inputs' published results. A stage is up to
+date when the store holds a complete result under that key, whoever put it
+there, so any backend and any machine sharing the store share the cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from mlflowctl.backends import LogWriter, StageResult, StageRun
+from mlflowctl.config import SCHEMA, public, stage_env
+from mlflowctl.errors import MlflowctlError, StageFailed
+from mlflowctl.stores import MANIFEST
+
+RESULTS = "results"
+KEY_LENGTH = 20
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the pipeline.
+
+    Either ``command`` (run by the backend, from the stage code folder) or
+    ``action`` (run in the orchestrator, for light steps that only move
+    files or talk to a registry or a server) is set.
+    """
+
+    name: str
+    command: tuple[str, ...] = ()
+    code: tuple[str, ...] = ()                  # files under image/ whose content is part of the key
+    inputs: tuple[tuple[str, str], ...] = ()    # (env var, upstream stage)
+    output: str = "OUTPUT_DIR"                  # env var naming the output directory
+    params: str | None = None                   # config section (default: the stage name, if one exists)
+    action: Callable[..., None] | None = None   # action(project, ctx: ActionContext)
+    doc: str = ""
+
+    @property
+    def section(self) -> str | None:
+        if self.params is not None:
+            return self.params
+        return self.name if isinstance(SCHEMA.get(self.name), dict) else None
+
+    @property
+    def upstream(self) -> list[str]:
+        return [up for _, up in self.inputs]
+
+
+@dataclass
+class ActionContext:
+    """What an in-process stage action gets: local input dirs, its output dir, a log."""
+
+    stage: str
+    inputs: dict[str, Path]
+    output: Path
+    log: LogWriter
+    components: dict[str, Any]  # what the stage's cache key was made of
+
+
+@dataclass
+class KeyInfo:
+    """A stage's cache key and the parts it was made of (``key`` is None while an input is missing)."""
+
+    stage: str
+    key: str | None
+    components: dict[str, Any]
+    missing_inputs: list[str] = field(default_factory=list)
+
+    @property
+    def path(self) -> str:
+        return f"{RESULTS}/{self.stage}/{self.key}"
+
+
+_file_digests: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file, memoised on (path, mtime, size) for the life of the process."""
+    st = path.stat()
+    memo_key = (str(path), st.st_mtime_ns, st.st_size)
+    digest = _file_digests.get(memo_key)
+    if digest is None:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        _file_digests[memo_key] = digest
+    return digest
+
+
+def digest_json(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+class Pipeline:
+    """The stages of a project, resolved against its store and backend."""
+
+    def __init__(self, project: Any, stages: list[Stage]) -> None:
+        self.project = project
+        self.stages = {s.name: s for s in stages}
+        for s in stages:
+            for _, up in s.inputs:
+                if up not in self.stages:
+                    raise MlflowctlError(f"stage {s.name}: input from unknown stage {up!r}")
+
+    # -- keys -------------------------------------------------------------
+    def code_digests(self, stage: Stage) -> dict[str, str]:
+        digests = {}
+        for rel in stage.code:
+            path = self.project.stage_code_dir / rel
+            try:
+                digests[rel] = file_digest(path)
+            except FileNotFoundError:
+                raise MlflowctlError(f"stage {stage.name}: code file {path} not found") from None
+        if stage.action is not None:
+            src = inspect.getsourcefile(stage.action)
+            if src:
+                digests[f"action:{stage.action.__module__}.{stage.action.__qualname__}"] = file_digest(Path(src))
+        return digests
+
+    def params(self, stage: Stage) -> dict[str, Any]:
+        section = stage.section
+        return public(self.project.config[section], SCHEMA[section]) if section else {}
+
+    def result_digest(self, stage_name: str) -> str | None:
+        """Digest of the stage's current complete result, or None if it has none yet."""
+        info = self.resolve(self.stages[stage_name])
+        if info.key is None:
+            return None
+        manifest = self.project.store.read_json(f"{info.path}/{MANIFEST}")
+        return manifest.get("digest") if manifest else None
+
+    def resolve(self, stage: Stage) -> KeyInfo:
+        inputs, missing = {}, []
+        for env, up in stage.inputs:
+            digest = self.result_digest(up)
+            inputs[up] = digest
+            if digest is None:
+                missing.append(up)
+        components = {
+            "stage": stage.name,
+            "command": list(stage.command),
+            "code": self.code_digests(stage),
+            "params": self.params(stage),
+            "backend": self.project.backend.profile() if stage.command else {"backend": "orchestrator"},
+            "inputs": inputs,
+        }
+        key = None if missing else digest_json(components)[:KEY_LENGTH]
+        return KeyInfo(stage.name, key, components, missing)
+
+    def is_complete(self, stage: Stage) -> bool:
+        info = self.resolve(stage)
+        return info.key is not None and self.project.store.exists(info.path)
+
+    def current_result(self, stage_name: str) -> Path:
+        """A local directory with the stage's current result (raises if it has none)."""
+        info = self.resolve(self.stages[stage_name])
+        if info.key is None or not self.project.store.exists(info.path):
+            raise MlflowctlError(f"stage {stage_name} has no current result", hint=f"doit {stage_name}")
+        return self.project.store.fetch(info.path)
+
+    # -- explaining -------------------------------------------------------
+    def last_run_path(self, stage_name: str) -> Path:
+        return self.project.state_dir / "stages" / f"{stage_name}.json"
+
+    def explain(self, stage: Stage) -> tuple[bool, list[str]]:
+        """(up to date?, reasons it will re-run)."""
+        info = self.resolve(stage)
+        if info.key is not None and self.project.store.exists(info.path):
+            return True, []
+        if info.missing_inputs:
+            return False, [f"input {up} will change first" for up in info.missing_inputs]
+        try:
+            last = json.loads(self.last_run_path(stage.name).read_text())
+        except (OSError, ValueError):
+            return False, ["never run with this store"]
+        return False, diff_components(last.get("components", {}), info.components) or [
+            "its result is not in the store (removed, or another store)"]
+
+    # -- running ------------------------------------------------------------
+    def run(self, stage_name: str) -> StageResult:
+        """Run one stage to a published result; raise ``StageFailed`` if it fails."""
+        stage = self.stages[stage_name]
+        project, store = self.project, self.project.store
+        info = self.resolve(stage)
+        if info.key is None:
+            raise MlflowctlError(f"stage {stage.name}: inputs {', '.join(info.missing_inputs)} have no result",
+                                 hint=f"doit {info.missing_inputs[0]}")
+        inputs = {env: self.current_result(up) for env, up in stage.inputs}
+        log_path = project.state_dir / "logs" / f"{stage.name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text("")
+        with store.staging(stage.name) as out:
+            run = StageRun(
+                stage=stage.name, command=list(stage.command), workdir=project.stage_code_dir,
+                env=self.stage_env(stage), inputs=inputs,
+                outputs={stage.output: out}, log_path=log_path, key=info.key,
+            )
+            hook = project.pm.hook
+            hook.mlflowctl_before_stage(stage=stage.name, run=run)
+            started = time.monotonic()
+            try:
+                with _live(run):
+                    if stage.action is not None:
+                        result = self._run_action(stage, run, info, started)
+                    else:
+                        result = project.backend.run(run)
+                if not result.ok:
+                    tail = _tail(log_path)
+                    raise StageFailed(
+                        f"stage {stage.name} failed with exit code {result.exit_code}"
+                        + (f": {tail}" if tail else ""),
+                        hint=f"full log: {log_path}; re-run with: doit {stage.name}")
+            except BaseException as exc:
+                hook.mlflowctl_on_stage_error(stage=stage.name, run=run, error=exc)
+                raise
+            logs = out / "_logs"
+            logs.mkdir(exist_ok=True)
+            shutil.copyfile(log_path, logs / f"{stage.name}.log")
+            manifest = {"stage": stage.name, "key": info.key, "components": info.components,
+                        "duration": round(result.duration, 3), "finished_at": time.time()}
+            store.publish(out, info.path, manifest=manifest)
+        record = self.last_run_path(stage.name)
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"key": info.key, "components": info.components}, indent=2, sort_keys=True))
+        hook.mlflowctl_after_stage(stage=stage.name, run=run, result=result)
+        return result
+
+    def stage_env(self, stage: Stage) -> dict[str, str]:
+        env = {"STAGE_NAME": stage.name, "MLFLOWCTL_PROJECT": self.project.name,
+               "MODEL_NAME": self.project.model_name, "PYTHONUNBUFFERED": "1"}
+        if stage.section:
+            env.update(stage_env(stage.section, self.project.config[stage.section]))
+        return env
+
+    def _run_action(self, stage: Stage, run: StageRun, info: KeyInfo, started: float) -> StageResult:
+        with LogWriter(run) as log:
+            ctx = ActionContext(stage.name, run.inputs, run.outputs[stage.output], log, info.components)
+            try:
+                stage.action(self.project, ctx)
+            except MlflowctlError as exc:
+                log.line(f"error: {exc}")
+                raise StageFailed(f"stage {stage.name} failed: {exc.message}", hint=exc.hint,
+                                  exit_code=exc.exit_code) from exc
+        return StageResult(0, time.monotonic() - started, run.log_path)
+
+
+def diff_components(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human reasons for a key change: which param, code file, input or backend setting changed."""
+    reasons = []
+    for key in sorted(set(old.get("params", {})) | set(new.get("params", {}))):
+        a, b = old.get("params", {}).get(key), new.get("params", {}).get(key)
+        if a != b:
+            reasons.append(f"param {key} changed: {a!r} -> {b!r}")
+    for name in sorted(set(old.get("code", {})) | set(new.get("code", {}))):
+        if old.get("code", {}).get(name) != new.get("code", {}).get(name):
+            reasons.append(f"code {name.removeprefix('action:')} changed")
+    for up in sorted(set(old.get("inputs", {})) | set(new.get("inputs", {}))):
+        if old.get("inputs", {}).get(up) != new.get("inputs", {}).get(up):
+            reasons.append(f"input {up} has a new result")
+    if old.get("backend") != new.get("backend"):
+        changed = sorted(k for k in set(old.get("backend", {})) | set(new.get("backend", {}))
+                         if old.get("backend", {}).get(k) != new.get("backend", {}).get(k))
+        reasons.append(f"backend changed ({', '.join(changed)})")
+    if old.get("command") != new.get("command"):
+        reasons.append("command changed")
+    return reasons
+
+
+def _tail(path: Path, lines: int = 3) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(line.strip() for line in text[-lines:] if line.strip())[:400]
+
+
+# -- cancellation: Ctrl-C reaches every live run, whichever thread runs it ----
+_LIVE: dict[int, StageRun] = {}
+_LIVE_LOCK = threading.Lock()
+_PREVIOUS_HANDLER: Any = None
+
+
+class _live:
+    def __init__(self, run: StageRun) -> None:
+        self.run = run
+
+    def __enter__(self) -> None:
+        with _LIVE_LOCK:
+            _LIVE[id(self.run)] = self.run
+
+    def __exit__(self, *exc: object) -> None:
+        with _LIVE_LOCK:
+            _LIVE.pop(id(self.run), None)
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    with _LIVE_LOCK:
+        for run in _LIVE.values():
+            run.cancelled.set()
+    handler = _PREVIOUS_HANDLER
+    if callable(handler):
+        handler(signum, frame)
+    else:
+        raise KeyboardInterrupt
+
+
+def install_interrupt_handler() -> None:
+    """Make Ctrl-C cancel every live stage run (their backends stop and clean up)."""
+    global _PREVIOUS_HANDLER
+    if threading.current_thread() is not threading.main_thread():
+        return
+    current = signal.getsignal(signal.SIGINT)
+    if current is _on_sigint:
+        return
+    _PREVIOUS_HANDLER = current
+    signal.signal(signal.SIGINT, _on_sigint)
+
+

@@ -1,0 +1,117 @@
+"""The artifact-store contract: where stage results and model versions live.
+
+Paths inside a store are ``/``-separated and relative to the store root
+(``results/train_model/<key>``, ``models/mnist/3``). Stage code never sees a
+store: the orchestrator asks the store for a *local* directory holding an
+input (:meth:`Store.fetch`) and for a fresh local directory to write an output
+into (:meth:`Store.staging`), then publishes that directory atomically
+(:meth:`Store.publish`). A result is either completely there or not at all.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import IO, Any, ClassVar, Iterator
+
+from mlflowctl.config import Setting
+
+MANIFEST = "_manifest.json"
+
+
+class Store:
+    """Base class of artifact stores; subclass it and add it with ``registry.add_store``.
+
+    ``scheme`` is the URL scheme it serves (``file``, ``s3``, ``pvc``);
+    ``settings`` declares the keys of ``stores.<scheme>`` in ``mlflowctl.yaml``.
+    """
+
+    scheme: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    settings: ClassVar[dict[str, Setting]] = {}
+
+    def __init__(self, url: str, settings: dict[str, Any], project: Any) -> None:
+        self.url = url
+        self.config = settings
+        self.project = project
+
+    # -- objects --------------------------------------------------------
+    def exists(self, path: str) -> bool:  # pragma: no cover - abstract
+        """True when a file or a published directory exists at ``path``."""
+        raise NotImplementedError
+
+    def list(self, prefix: str) -> list[str]:  # pragma: no cover - abstract
+        """Names of the direct children of ``prefix`` (files and directories), sorted."""
+        raise NotImplementedError
+
+    def open(self, path: str, mode: str = "rb") -> IO[Any]:  # pragma: no cover - abstract
+        """Open one small file for reading (``rb``/``r``) or replacing it atomically (``wb``/``w``)."""
+        raise NotImplementedError
+
+    def put(self, src: Path, path: str) -> None:  # pragma: no cover - abstract
+        """Copy a local file to ``path``, replacing it atomically."""
+        raise NotImplementedError
+
+    def get(self, path: str, dest: Path) -> Path:  # pragma: no cover - abstract
+        """Copy the file or directory at ``path`` to the local ``dest``; returns ``dest``."""
+        raise NotImplementedError
+
+    def delete(self, path: str) -> None:  # pragma: no cover - abstract
+        """Remove a file or directory; missing is not an error."""
+        raise NotImplementedError
+
+    # -- directories ----------------------------------------------------
+    def fetch(self, path: str) -> Path:  # pragma: no cover - abstract
+        """A local directory with the content of the published directory ``path`` (read only)."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def staging(self, label: str = "out") -> Iterator[Path]:  # pragma: no cover - abstract
+        """A fresh, empty local directory, removed on exit unless it was published."""
+        raise NotImplementedError
+        yield Path()
+
+    def publish(self, src: Path, path: str, manifest: dict[str, Any] | None = None) -> bool:  # pragma: no cover
+        """Make the local directory ``src`` appear at ``path`` all at once.
+
+        Writes ``_manifest.json`` (``manifest`` plus the files' sizes and
+        sha256, see :func:`file_manifest`) into it. On success ``src`` is
+        consumed (moved or removed). Returns ``False`` when ``path`` already
+        exists (someone else published first), changing nothing there and
+        leaving ``src`` in place.
+        """
+        raise NotImplementedError
+
+    # -- conveniences shared by every store -----------------------------
+    def read_json(self, path: str, default: Any = None) -> Any:
+        import json
+
+        if not self.exists(path):
+            return default
+        with self.open(path, "r") as fh:
+            return json.load(fh)
+
+    def write_json(self, path: str, data: Any) -> None:
+        import json
+
+        with self.open(path, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+
+    def preflight(self) -> None:
+        """Check the store is reachable and writable; raise an ``MlflowctlError`` saying what to do."""
+
+
+def file_manifest(root: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Sizes and sha256 of every file under ``root`` (the ``_manifest.json`` content)."""
+    import hashlib
+
+    files = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            h = hashlib.sha256()
+            with open(p, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            files[p.relative_to(root).as_posix()] = {"bytes": p.stat().st_size, "sha256": h.hexdigest()}
+    digest = hashlib.sha256(repr(sorted((k, v["sha256"]) for k, v in files.items())).encode()).hexdigest()
+    return {**(extra or {}), "files": files, "digest": digest}

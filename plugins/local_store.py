@@ -1,0 +1,154 @@
+"""The ``file://`` artifact store: a folder on this machine, published by rename."""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+from mlflowctl import hookimpl
+from mlflowctl.errors import ConfigError, UnavailableError
+from mlflowctl.stores import MANIFEST, Store, file_manifest
+
+STAGING = ".staging"
+
+
+class _AtomicWriter:
+    """A file object that replaces its target on a clean close, and vanishes otherwise."""
+
+    def __init__(self, target: Path, mode: str) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        self._fh = os.fdopen(fd, mode)
+        self._target = target
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fh, name)
+
+    def __enter__(self) -> Any:
+        return self._fh
+
+    def __exit__(self, exc_type: Any, *rest: Any) -> None:
+        self._fh.close()
+        if exc_type is None:
+            os.replace(self._tmp, self._target)
+        else:
+            os.unlink(self._tmp)
+
+
+class LocalStore(Store):
+    """Results and models under a local folder (``file://relative/or/absolute/path``)."""
+
+    scheme = "file"
+    description = "a folder on this machine; publish is a rename, so it is atomic"
+
+    def __init__(self, url: str, settings: dict[str, Any], project: Any) -> None:
+        super().__init__(url, settings, project)
+        rest = url[len("file://"):] if url.startswith("file://") else url
+        if not rest:
+            raise ConfigError(f"store: {url!r} names no folder", hint="e.g. file://.mlflowctl/store")
+        path = Path(os.path.expanduser(rest))
+        self.root = path if path.is_absolute() else Path(project.root) / path
+
+    def _path(self, path: str) -> Path:
+        parts = [p for p in path.split("/") if p]
+        if any(p == ".." for p in parts):
+            raise ValueError(f"store path {path!r} leaves the store")
+        return self.root.joinpath(*parts)
+
+    def preflight(self) -> None:
+        try:
+            (self.root / STAGING).mkdir(parents=True, exist_ok=True)
+            probe = self.root / STAGING / f".probe-{uuid.uuid4().hex}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise UnavailableError(f"store {self.url}: folder {self.root} is not writable: {exc.strerror}",
+                                   hint="fix its permissions or choose another store in mlflowctl.yaml") from None
+
+    def exists(self, path: str) -> bool:
+        return self._path(path).exists()
+
+    def list(self, prefix: str) -> list[str]:
+        try:
+            return sorted(p.name for p in self._path(prefix).iterdir() if not p.name.startswith("."))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def open(self, path: str, mode: str = "rb") -> IO[Any]:
+        target = self._path(path)
+        if "w" in mode:
+            return _AtomicWriter(target, mode)  # type: ignore[return-value]
+        return open(target, mode)
+
+    def put(self, src: Path, path: str) -> None:
+        with self.open(path, "wb") as out, open(src, "rb") as fh:
+            shutil.copyfileobj(fh, out)
+
+    def get(self, path: str, dest: Path) -> Path:
+        source = self._path(path)
+        if source.is_dir():
+            shutil.copytree(source, dest, dirs_exist_ok=True)
+        else:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, dest)
+        return dest
+
+    def delete(self, path: str) -> None:
+        target = self._path(path)
+        if target.is_dir():
+            # rename first so readers never see a half-deleted result
+            trash = self.root / STAGING / f"deleted-{uuid.uuid4().hex}"
+            trash.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(target, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                target.unlink()
+
+    def fetch(self, path: str) -> Path:
+        target = self._path(path)
+        if not target.is_dir():
+            raise FileNotFoundError(f"{self.url}: {path} is not a published folder")
+        return target
+
+    @contextlib.contextmanager
+    def staging(self, label: str = "out") -> Iterator[Path]:
+        base = self.root / STAGING
+        base.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=base))
+        tmp.chmod(0o755)
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def publish(self, src: Path, path: str, manifest: dict[str, Any] | None = None) -> bool:
+        dest = self._path(path)
+        if dest.exists():
+            return False
+        (src / MANIFEST).write_text(_dumps(file_manifest(src, manifest)))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(src, dest)  # atomic; fails if dest appeared meanwhile (never empty: it has a manifest)
+        except OSError as exc:
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                (src / MANIFEST).unlink(missing_ok=True)
+                return False
+            raise
+        return True
+
+
+def _dumps(data: Any) -> str:
+    import json
+
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+@hookimpl
+def mlflowctl_add_stores(registry: Any) -> None:
+    registry.add_store(LocalStore)

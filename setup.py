@@ -1,0 +1,28 @@
+"""mlflowctl: one command from raw data to a tested, monitored model endpoint."""
+from setuptools import setup
+
+setup(
+    name="mlflowctl",
+    version="0.1.0",
+    description="One doit pipeline from raw data to a tested, monitored model endpoint, on a laptop or Kubernetes",
+    python_requires=">=3.10",
+    packages=["mlflowctl", "mlflowctl_plugins"],
+    package_dir={"mlflowctl_plugins": "plugins"},
+    # The orchestrator's own dependencies. TensorFlow is needed only by the
+    # stage code (image/requirements.txt), never imported by mlflowctl itself.
+    install_requires=[
+        "pluggy>=1.3",
+        "doit>=0.36",
+        "PyYAML>=6",
+        "requests>=2.28",
+        "docker>=7",
+        "kubernetes>=28",
+    ],
+    extras_require={
+        "s3": ["boto3>=1.28"],
+        "test": ["pytest>=7", "boto3>=1.28", "moto[server]>=5", "numpy"],
+    },
+    entry_points={
+        "console_scripts": ["mlflowctl = mlflowctl.cli:main"],
+    },
+)

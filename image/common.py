@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 from typing import Any, Callable
 
@@ -151,10 +150,10 @@ def as_features(x):
 # ---------------------------------------------------------------------- outputs
 def write_json_atomic(path: str, obj: Any) -> None:
     """Write ``obj`` as JSON via a temp file in the same dir + ``os.replace``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    directory, base = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{base}.{os.getpid()}.tmp")
     try:
-        with os.fdopen(fd, "w") as fh:
+        with open(tmp, "w") as fh:
             json.dump(obj, fh, indent=2, sort_keys=True)
             fh.write("\n")
         os.replace(tmp, path)

@@ -292,9 +292,10 @@ def _fuse(clf: Signature, concept: Concept) -> Callable | None:
         return [o[k] for k in outs] + [e]
 
     concrete = fused.get_concrete_function()
+    constant = tf.constant
 
     def call(x: np.ndarray):
-        res = concrete(x)
+        res = concrete(constant(x))
         return {k: res[i].numpy() for i, k in enumerate(outs)}, res[-1].numpy()
 
     return call
@@ -617,7 +618,9 @@ def decode_tfserving(body: Any, sig: Signature) -> tuple[dict[str, np.ndarray], 
             raise bad("'instances' must be a list (one element per instance)")
         if not rows:
             raise bad("'instances' is an empty list; send at least one instance")
-        if isinstance(rows[0], dict) and not (single is not None and "b64" in rows[0]):
+        if isinstance(rows[0], dict) and "b64" in rows[0] and single is not None:
+            to_array(rows[0], single, "instances")  # raises the b64 message
+        if isinstance(rows[0], dict):
             named: dict[str, list] = {a: [] for a in sig.inputs}
             for i, row in enumerate(rows):
                 if not isinstance(row, dict):
@@ -634,7 +637,9 @@ def decode_tfserving(body: Any, sig: Signature) -> tuple[dict[str, np.ndarray], 
             raise bad(f"the signature has inputs {sorted(sig.inputs)}; each instance must be an object naming them")
         return {single.alias: to_array(rows, single, "instances")}, True
     cols = body["inputs"]
-    if isinstance(cols, dict) and not (single is not None and "b64" in cols):
+    if isinstance(cols, dict) and "b64" in cols and single is not None:
+        to_array(cols, single, "inputs")  # raises the b64 message
+    if isinstance(cols, dict):
         if cols.keys() != sig.inputs.keys():
             missing = sorted(set(sig.inputs) - set(cols))
             extra = sorted(set(cols) - set(sig.inputs))

@@ -278,6 +278,8 @@ def stage_env(section: str, values: dict[str, Any]) -> dict[str, str]:
     """The environment variables a stage sees for its config section."""
     env = {}
     for key, spec in SCHEMA[section].items():
+        if not isinstance(spec, Setting) or not spec.env:
+            continue
         value = values[key]
         env[spec.env] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     return env

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mlflowctl.backends import LogWriter, StageResult, StageRun
-from mlflowctl.config import SCHEMA, public, stage_env
+from mlflowctl.config import SCHEMA, full_schema, public, stage_env
 from mlflowctl.errors import MlflowctlError, StageFailed
 from mlflowctl.stores import MANIFEST
 
@@ -44,6 +44,8 @@ class Stage:
     output: str = "OUTPUT_DIR"                  # env var naming the output directory
     params: str | None = None                   # config section (default: the stage name, if one exists)
     action: Callable[..., None] | None = None   # action(project, ctx: ActionContext)
+    still_valid: Callable[..., bool] | None = None  # still_valid(project, result_dir): for results that
+    #                                                 stand for outside state (a deployment), is it still so?
     doc: str = ""
 
     @property
@@ -128,7 +130,12 @@ class Pipeline:
 
     def params(self, stage: Stage) -> dict[str, Any]:
         section = stage.section
-        return public(self.project.config[section], SCHEMA[section]) if section else {}
+        if not section:
+            return {}
+        values = self.project.config[section]
+        if section == "serving":  # only the selected target's settings matter
+            values = {"target": values["target"], values["target"]: values.get(values["target"], {})}
+        return public(values, full_schema(self.project.pm.registry)[section])
 
     def result_digest(self, stage_name: str) -> str | None:
         """Digest of the stage's current complete result, or None if it has none yet."""
@@ -158,7 +165,9 @@ class Pipeline:
 
     def is_complete(self, stage: Stage) -> bool:
         info = self.resolve(stage)
-        return info.key is not None and self.project.store.exists(info.path)
+        if info.key is None or not self.project.store.exists(info.path):
+            return False
+        return stage.still_valid is None or bool(stage.still_valid(self.project, self.project.store.fetch(info.path)))
 
     def current_result(self, stage_name: str) -> Path:
         """A local directory with the stage's current result (raises if it has none)."""
@@ -175,7 +184,9 @@ class Pipeline:
         """(up to date?, reasons it will re-run)."""
         info = self.resolve(stage)
         if info.key is not None and self.project.store.exists(info.path):
-            return True, []
+            if self.is_complete(stage):
+                return True, []
+            return False, ["its result no longer holds (e.g. the model server is not running)"]
         if info.missing_inputs:
             return False, [f"input {up} will change first" for up in info.missing_inputs]
         try:

@@ -24,7 +24,9 @@ DISABLE_ENV = "MLFLOWCTL_DISABLE_PLUGINS"
 
 BUILTIN_PLUGINS = (
     "mlflowctl_plugins.local_backend",
+    "mlflowctl_plugins.docker_backend",
     "mlflowctl_plugins.local_store",
+    "mlflowctl_plugins.local_serving",
 )
 
 

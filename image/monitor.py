@@ -1,0 +1,261 @@
+"""Stage ``monitor``: how much of the stable version's live traffic looks out-of-distribution.
+
+Env: ENDPOINT_DIR (input, endpoint.json of the stable version), OUTPUT_DIR (output),
+MAX_DRIFT_RATE (0.5, in [0, 1]), TIMEOUT (10, seconds per request).
+
+Reads ``GET {url}/monitor/v1/models/{name}/drift?label=stable`` (``?version={version}`` if
+the label is unknown) from the embedded model server. The drift rate is the share of the
+server's recent-window live images whose reconstruction error is above the concept model's
+threshold (test-tagged traffic is not in the live statistics); 0 when there is no live
+traffic yet.
+
+Outputs in OUTPUT_DIR: drift.json, report.md, drift.png (training vs live reconstruction-error
+distributions and the threshold).
+
+Exit 0 if the rate is <= MAX_DRIFT_RATE; 6 (``monitor: drift rate 0.62 > max 0.50 on mnist
+version 3`` on stderr) if above; 5 when the endpoint is unreachable or misbehaves.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from typing import Any
+
+from common import StageError, env_dir, env_float, log, main, make_dir, write_json_atomic
+from endpoint_client import EXIT_ENDPOINT, HttpClient, drift_url, load_endpoint, snippet
+
+STAGE = "monitor"
+EXIT_DRIFT = 6
+NO_TRAFFIC = "no live traffic yet"
+
+
+def settings() -> dict:
+    return {
+        "endpoint_dir": env_dir("ENDPOINT_DIR"),
+        "output_dir": env_dir("OUTPUT_DIR", must_exist=False),
+        "max_rate": env_float("MAX_DRIFT_RATE", 0.5, low=0.0, high=1.0, inclusive=True),
+        "timeout": env_float("TIMEOUT", 10.0, low=0.0),
+    }
+
+
+# ------------------------------------------------------------------- fetch
+def fetch(client: HttpClient, endpoint: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The drift JSON of the stable label (or of the endpoint's version) and the query used."""
+    url = drift_url(endpoint)
+    answer = client.get(url, {"label": "stable"}, ok_only=False)
+    query = "label=stable"
+    if answer.status == 404:
+        query = f"version={endpoint['version']}"
+        answer = client.get(url, {"version": str(endpoint["version"])}, ok_only=False)
+    if answer.status != 200:
+        raise StageError(f"GET {url}?{query} answered {answer.status}: {snippet(answer.text)}", EXIT_ENDPOINT)
+    if answer.json is None:  # a 200 that is not JSON was reported by the client already
+        raise StageError(f"GET {url}?{query} answered 200 with an empty body", EXIT_ENDPOINT)
+    if not isinstance(answer.json, dict):
+        raise StageError(f"GET {url}?{query} answered {type(answer.json).__name__}, expected a JSON object",
+                         EXIT_ENDPOINT)
+    return answer.json, f"{url}?{query}"
+
+
+def _int(value: Any, default: int = 0) -> int:
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def summarize(d: dict[str, Any], endpoint: dict[str, Any], max_rate: float, source: str) -> dict[str, Any]:
+    """drift.json: the rate and the numbers behind it."""
+    version = d.get("version")
+    window = d.get("window") if isinstance(d.get("window"), dict) else {}
+    size, outliers = _int(window.get("size")), _int(window.get("outliers"))
+    note = None
+    if d.get("drift_scoring") is False:
+        rate, note = 0.0, "drift scoring is off for this version (no concept model)"
+    elif size > 0:
+        rate = outliers / size
+    else:
+        rate, note = 0.0, NO_TRAFFIC
+    return {
+        "rate": rate,
+        "max_rate": max_rate,
+        "passed": rate <= max_rate,
+        "note": note,
+        "model_name": d.get("model_name") or endpoint["model_name"],
+        "version": int(version) if str(version).isdigit() else endpoint["version"],
+        "endpoint_version": endpoint["version"],
+        "drift_scoring": d.get("drift_scoring") is not False,
+        "scored": _int(d.get("scored")),
+        "outliers": _int(d.get("outliers")),
+        "window": {"size": size, "outliers": outliers, "capacity": _int(window.get("capacity"), size)},
+        "threshold": _num(d.get("threshold")),
+        "quantile": _num(d.get("quantile")),
+        "test": d.get("test") if isinstance(d.get("test"), dict) else None,
+        "source": source,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def fmt_pair(rate: float, max_rate: float) -> tuple[str, str]:
+    """Rate and max with 2 decimals, more if 2 would make them look equal."""
+    for digits in (2, 4, 6):
+        a, b = f"{rate:.{digits}f}", f"{max_rate:.{digits}f}"
+        if a != b or rate == max_rate:
+            return a, b
+    return f"{rate!r}", f"{max_rate!r}"
+
+
+# -------------------------------------------------------------------- plot
+def _histograms(d: dict[str, Any]):
+    """(edges, training counts | None, live counts | None, live beyond the edges) as numpy arrays."""
+    import numpy as np
+
+    train = d.get("training_histogram") if isinstance(d.get("training_histogram"), dict) else None
+    live = d.get("live_histogram") if isinstance(d.get("live_histogram"), dict) else None
+    recent = d.get("recent_errors") if isinstance(d.get("recent_errors"), list) else None
+    edges = train_counts = None
+    try:
+        if train is not None:
+            edges = np.asarray(train["edges"], dtype=np.float64)
+            train_counts = np.asarray(train["counts"], dtype=np.float64)
+            if edges.ndim != 1 or train_counts.shape != (edges.size - 1,) or edges.size < 2:
+                edges = train_counts = None
+    except (KeyError, TypeError, ValueError):
+        edges = train_counts = None
+    recent_arr = None
+    if recent:
+        try:
+            recent_arr = np.asarray(recent, dtype=np.float64).ravel()
+        except (TypeError, ValueError):
+            recent_arr = None
+    live_counts, beyond = None, 0
+    if edges is not None and live is not None:
+        try:
+            lc = np.asarray(live["counts"], dtype=np.float64)
+            if lc.shape == train_counts.shape and np.allclose(np.asarray(live["edges"], dtype=np.float64), edges):
+                live_counts = lc
+                beyond = _int(live.get("underflow")) + _int(live.get("overflow"))
+        except (KeyError, TypeError, ValueError):
+            live_counts = None
+    if live_counts is None and recent_arr is not None and recent_arr.size:
+        if edges is None:
+            finite = recent_arr[np.isfinite(recent_arr)]
+            edges = np.histogram_bin_edges(finite if finite.size else [0.0, 1.0], bins=50)
+        finite = recent_arr[np.isfinite(recent_arr)]
+        live_counts, _ = np.histogram(finite, bins=edges)
+        live_counts = live_counts.astype(np.float64)
+        beyond = int(recent_arr.size - live_counts.sum())
+    if live_counts is not None and live_counts.sum() + beyond == 0:
+        live_counts = None
+    return edges, train_counts, live_counts, beyond
+
+
+def plot(path: str, d: dict[str, Any], summary: dict[str, Any]) -> None:
+    import numpy as np
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    edges, train_counts, live_counts, beyond = _histograms(d)
+    rate_s, max_s = fmt_pair(summary["rate"], summary["max_rate"])
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
+    try:
+        if edges is not None:
+            widths = np.diff(edges)
+            if train_counts is not None and train_counts.sum() > 0:
+                density = train_counts / (train_counts.sum() * widths)
+                ax.stairs(density, edges, fill=True, alpha=0.35, color="tab:blue", label="training data")
+                ax.stairs(density, edges, color="tab:blue", linewidth=1.2)
+            if live_counts is not None:
+                total = live_counts.sum() + beyond  # out-of-range errors keep their share of the mass
+                density = live_counts / (total * widths)
+                label = f"live traffic ({int(total)} recent images"
+                label += f", {beyond} outside the plotted range)" if beyond else ")"
+                ax.stairs(density, edges, color="tab:orange", linewidth=2.0, label=label)
+            ax.set_xlim(edges[0], edges[-1] + 0.02 * (edges[-1] - edges[0]))
+        threshold = summary["threshold"]
+        if threshold is not None:
+            ax.axvline(threshold, color="tab:red", linestyle="--", linewidth=1.5,
+                       label=f"threshold {threshold:.4g}" + (f" (q={summary['quantile']:g})" if summary["quantile"] else ""))
+        if live_counts is None or edges is None:
+            reason = summary["note"] or ("no live histogram from the server" if edges is not None
+                                         else "no histograms from the server")
+            ax.text(0.5, 0.5, reason, transform=ax.transAxes, ha="center", va="center", fontsize=13, color="0.35")
+        ax.set_xlabel("reconstruction error of the concept model (mean squared error per image)")
+        ax.set_ylabel("density")
+        verdict = "OK" if summary["passed"] else "ABOVE MAX"
+        ax.set_title(f"{summary['model_name']} version {summary['version']}: drift rate {rate_s} "
+                     f"(max {max_s}) — {verdict}")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="upper right", framealpha=0.9)
+        fig.tight_layout()
+        tmp = f"{path}.tmp.png"
+        fig.savefig(tmp)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+
+
+# ------------------------------------------------------------------ report
+def write_markdown(path: str, s: dict[str, Any]) -> None:
+    rate_s, max_s = fmt_pair(s["rate"], s["max_rate"])
+    w = s["window"]
+    threshold = "n/a" if s["threshold"] is None else f"{s['threshold']:.6g}"
+    lines = [
+        f"# Drift monitor: {s['model_name']} version {s['version']} — {'OK' if s['passed'] else 'ABOVE MAX'}",
+        "",
+        "| | |",
+        "|---|---:|",
+        f"| version | {s['version']} |",
+        f"| live requests scored (images) | {s['scored']} |",
+        f"| outliers | {s['outliers']} |",
+        f"| recent window | {w['outliers']} outliers of {w['size']} images |",
+        f"| **drift rate** | **{rate_s}** (max {max_s}) |",
+        f"| threshold | {threshold} |",
+        "",
+    ]
+    if s["note"]:
+        lines += [f"Note: {s['note']}.", ""]
+    lines += [f"Source: `{s['source']}` at {s['when']}.", "", "![drift](drift.png)", ""]
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        fh.write("\n".join(lines))
+    os.replace(tmp, path)
+
+
+def run() -> None:
+    cfg = settings()
+    endpoint = load_endpoint(cfg["endpoint_dir"])
+    make_dir("OUTPUT_DIR", cfg["output_dir"])
+    with HttpClient(cfg["timeout"]) as client:
+        data, source = fetch(client, endpoint)
+    s = summarize(data, endpoint, cfg["max_rate"], source)
+    if s["version"] != endpoint["version"]:
+        log(STAGE, f"note: the stable label points at version {s['version']}, endpoint.json says "
+                   f"{endpoint['version']}: reporting version {s['version']}")
+    out = cfg["output_dir"]
+    write_json_atomic(os.path.join(out, "drift.json"), s)
+    plot(os.path.join(out, "drift.png"), data, s)
+    write_markdown(os.path.join(out, "report.md"), s)
+
+    rate_s, max_s = fmt_pair(s["rate"], s["max_rate"])
+    w = s["window"]
+    detail = s["note"] or f"{w['outliers']} of {w['size']} recent live images above the threshold"
+    log(STAGE, f"drift rate {rate_s} (max {max_s}) on {s['model_name']} version {s['version']}: {detail}; "
+               f"{s['scored']} live images scored in all")
+    log(STAGE, f"wrote drift.json, report.md, drift.png to {out}")
+    if not s["passed"]:
+        print(f"{STAGE}: drift rate {rate_s} > max {max_s} on {s['model_name']} version {s['version']}",
+              file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_DRIFT)
+
+
+if __name__ == "__main__":
+    main(STAGE, run)

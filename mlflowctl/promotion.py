@@ -1,0 +1,122 @@
+"""Deploy, promote, roll back: the serving side of the pipeline, through the configured target.
+
+Only a version that passed the integration test becomes ``stable``; a failed
+one is withdrawn and the previous stable version keeps serving. Every
+decision is recorded as the version's verdict (``mlflowctl models``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mlflowctl.errors import GateFailed, MlflowctlError
+
+ENDPOINT_FILE = "endpoint.json"
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise MlflowctlError(f"cannot read {path}: {exc}") from None
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def deploy_version(project: Any, ctx: Any) -> None:
+    """Stage action of ``deploy``: serve the newly registered version as ``canary`` beside ``stable``."""
+    number = _read(ctx.inputs["VERSION_DIR"] / "version.json")["version"]
+    version = project.models.get(number)
+    target = project.serving
+    target.preflight()
+    endpoint = target.deploy(version, label="canary", weight=0.0)
+    project.models.set_label("canary", number)
+    ctx.log.line(f"{version.name} version {number} answers at {endpoint.predict_url}")
+    _write(ctx.output / ENDPOINT_FILE, endpoint.to_dict())
+    project.pm.hook.mlflowctl_deployed(version=version, endpoint=endpoint)
+
+
+def deployment_holds(project: Any, result_dir: Path) -> bool:
+    """Is the version this ``deploy`` result stands for still served? (re-deploy if not)."""
+    try:
+        endpoint = json.loads((result_dir / ENDPOINT_FILE).read_text())
+        status = project.serving.status()
+    except (OSError, ValueError, MlflowctlError):
+        return False
+    return bool(status.get("running")) and int(endpoint["version"]) in _served(status)
+
+
+def _served(status: dict[str, Any]) -> set[int]:
+    versions = status.get("versions") or {}
+    if isinstance(versions, dict):
+        return {int(v) for v, state in versions.items() if str(state).upper() in ("AVAILABLE", "SERVING", "READY")}
+    return {int(v.get("version")) for v in versions if str(v.get("state", "")).upper() == "AVAILABLE"}
+
+
+def promote_version(project: Any, ctx: Any) -> None:
+    """Stage action of ``promote``: make the tested version ``stable``, or withdraw it."""
+    report = _read(ctx.inputs["REPORT_DIR"] / "report.json")
+    number = int(_read(ctx.inputs["ENDPOINT_DIR"] / ENDPOINT_FILE)["version"])
+    models, target = project.models, project.serving
+    version = models.get(number)
+    previous = models.labels().get("stable")
+    accuracy, floor = report.get("accuracy"), report.get("min_accuracy")
+    reason = None
+    if not report.get("passed"):
+        reason = f"accuracy {accuracy:.4f} below the floor {floor:.4f}" if isinstance(accuracy, (int, float)) \
+            else "integration test did not pass"
+    else:
+        veto = project.pm.hook.mlflowctl_promotion_veto(version=version, report=report)
+        if veto:
+            reason = f"vetoed: {veto}"
+    if reason:
+        if previous != number:
+            target.undeploy(number)
+        models.set_label("canary", None)
+        models.set_verdict(number, "rejected", reason, report=_summary(report))
+        ctx.log.line(f"version {number} rejected: {reason}")
+        keeps = f"version {previous} stays stable" if previous else "no version is stable yet"
+        raise GateFailed(f"{version.name} version {number} not promoted: {reason}; {keeps}",
+                         hint="mlflowctl models shows every version and why")
+    target.set_label("stable", number)
+    models.set_label("stable", number)
+    models.set_label("canary", None)
+    if previous and previous != number:
+        models.set_verdict(previous, "superseded", f"version {number} promoted")
+    models.set_verdict(number, "promoted", f"accuracy {accuracy:.4f} >= floor {floor:.4f}", report=_summary(report))
+    stable = target.endpoint(label="stable")
+    ctx.log.line(f"version {number} is stable: {stable.predict_url}")
+    _write(ctx.output / ENDPOINT_FILE, {**stable.to_dict(), "version": number})
+    _write(ctx.output / "promotion.json", {"version": number, "previous": previous, "report": _summary(report)})
+
+
+def _summary(report: dict[str, Any]) -> dict[str, Any]:
+    return {k: report.get(k) for k in ("accuracy", "min_accuracy", "ood_rate", "latency_ms") if k in report}
+
+
+def rollback(project: Any) -> int:
+    """Make the most recently promoted version before the current stable one stable again."""
+    models, target = project.models, project.serving
+    current = models.labels().get("stable")
+    candidates = []
+    for number in models.numbers():
+        if number == current:
+            continue
+        verdict = models.verdict(number)
+        promoted = [h["time"] for h in verdict.get("history", []) if h.get("state") == "promoted"]
+        if promoted and verdict.get("state") != "rejected":
+            candidates.append((max(promoted), number))
+    if not candidates:
+        raise MlflowctlError(f"model {models.name}: no earlier promoted version to roll back to",
+                             hint="mlflowctl models")
+    _, number = max(candidates)
+    target.deploy(models.get(number), label="stable")
+    models.set_label("stable", number)
+    if current is not None:
+        models.set_verdict(current, "rolled-back", f"mlflowctl rollback restored version {number}")
+        target.undeploy(current)
+    models.set_verdict(number, "promoted", f"restored by rollback from version {current}")
+    return number

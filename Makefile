@@ -90,8 +90,9 @@ docker:
 
 # ---------------------------------------------------------------- main targets
 demo: venv data
-	$(VBIN)/doit $(DOIT_ARGS)
+	$(VBIN)/doit -n 2 $(DOIT_ARGS)
 	$(VBIN)/mlflowctl models
+	$(VBIN)/mlflowctl report
 
 test: venv data docker
 	$(VBIN)/pytest -q -ra tests $(PYTEST_ARGS)

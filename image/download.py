@@ -290,13 +290,15 @@ def run() -> None:
             fh.write("\n")
         for tmp, final in pending.items():
             os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         for tmp, final in pending.items():
             for p in (tmp, final):
                 try:
                     os.unlink(p)
                 except FileNotFoundError:
                     pass
+        if isinstance(exc, OSError):
+            raise StageError(f"cannot write to {out_dir}: {_reason(exc)}") from None
         raise
     log(STAGE, f"wrote train.npz ({meta['train_count']}), t10k.npz ({meta['test_count']}), data.json to {out_dir}")
 

@@ -108,8 +108,8 @@ class HttpClient:
     def request(self, method: str, url: str, *, body: bytes | None = None, params: dict | None = None,
                 ok_only: bool = True) -> Answer:
         """Send; raise a one-line StageError on transport failure. With ``ok_only`` a
-        non-2xx answer or a body that is not JSON is an error too; otherwise the JSON of
-        a non-2xx answer is not parsed (``Answer.json`` is ``None``)."""
+        non-2xx answer or a body that is not JSON is an error too; without it the caller
+        judges the answer (``Answer.json`` is ``None`` unless a 2xx answer is JSON)."""
         requests = self._requests
         shown = url if not params else f"{url}?{'&'.join(f'{k}={v}' for k, v in params.items())}"
         headers = {"Content-Type": "application/json"} if body is not None else None
@@ -133,6 +133,8 @@ class HttpClient:
         try:
             data = json.loads(content)
         except ValueError:
+            if not ok_only:
+                return Answer(resp.status_code, None, text, ms)
             raise StageError(f"{method} {shown} answered {resp.status_code} with a body that is not JSON: "
                              f"{snippet(text)}", EXIT_ENDPOINT) from None
         return Answer(resp.status_code, data, text, ms)

@@ -22,12 +22,22 @@ is unreachable, answers non-2xx, or answers something that is not the protocol's
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from typing import Any
 
-from common import EXIT_DATA, StageError, env_dir, env_float, env_int, load_split, log, main, make_dir, write_json_atomic
+from common import (
+    EXIT_DATA,
+    StageError,
+    env_dir,
+    env_float,
+    env_int,
+    load_split,
+    log,
+    main,
+    make_dir,
+    write_json_atomic,
+)
 from endpoint_client import EXIT_ENDPOINT, HttpClient, drift_url, load_endpoint, snippet
 
 STAGE = "integration_test"
@@ -113,7 +123,8 @@ def parse_scores(protocol: str, data: Any, n: int):
             raise ValueError("expected 'data.ndarray' (or 'data.tensor') in the response")
     arr = np.asarray(rows, dtype=np.float64)  # ragged or non-numeric -> ValueError
     if arr.shape != (n, CLASSES):
-        raise ValueError(f"expected {n}×{CLASSES} class scores, got shape {'×'.join(map(str, arr.shape)) or 'scalar'}")
+        shape = "×".join(map(str, arr.shape)) or "scalar"
+        raise ValueError(f"expected {n}×{CLASSES} class scores, got shape {shape}")
     return arr
 
 
@@ -206,11 +217,13 @@ def write_markdown(path: str, report: dict) -> None:
         "",
         "| part | images | accuracy | out-of-distribution rate |",
         "|---|---:|---:|---:|",
-        f"| clean | {n['clean']} | {report['accuracy']:.4f} (floor {report['min_accuracy']:.4f}) | {fmt_rate(ood['clean'])} |",
-        f"| noisy (σ={report['noise']:g}) | {n['noisy']} | {report['accuracy_noisy']:.4f} | {fmt_rate(ood['noisy'])} |",
+        f"| clean | {n['clean']} | {report['accuracy']:.4f} (floor {report['min_accuracy']:.4f}) "
+        f"| {fmt_rate(ood['clean'])} |",
+        f"| noisy (σ={report['noise']:g}) | {n['noisy']} | {report['accuracy_noisy']:.4f} "
+        f"| {fmt_rate(ood['noisy'])} |",
         f"| random | {n['random']} | — | {fmt_rate(ood['random'])} |",
         "",
-        f"Latency per request: p50 {lat['p50']} ms, p99 {lat['p99']} ms, max {lat['max']} ms.",
+        f"Latency per request: p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms, max {lat['max']:.1f} ms.",
         "",
     ]
     if report["ood_source"] is None:

@@ -51,8 +51,9 @@ def fetch(client: HttpClient, endpoint: dict[str, Any]) -> tuple[dict[str, Any],
         answer = client.get(url, {"version": str(endpoint["version"])}, ok_only=False)
     if answer.status != 200:
         raise StageError(f"GET {url}?{query} answered {answer.status}: {snippet(answer.text)}", EXIT_ENDPOINT)
-    if answer.json is None:  # a 200 that is not JSON was reported by the client already
-        raise StageError(f"GET {url}?{query} answered 200 with an empty body", EXIT_ENDPOINT)
+    if answer.json is None:
+        raise StageError(f"GET {url}?{query} answered 200 with a body that is not JSON: {snippet(answer.text)}",
+                         EXIT_ENDPOINT)
     if not isinstance(answer.json, dict):
         raise StageError(f"GET {url}?{query} answered {type(answer.json).__name__}, expected a JSON object",
                          EXIT_ENDPOINT)
@@ -164,7 +165,7 @@ def plot(path: str, d: dict[str, Any], summary: dict[str, Any]) -> None:
 
     edges, train_counts, live_counts, beyond = _histograms(d)
     rate_s, max_s = fmt_pair(summary["rate"], summary["max_rate"])
-    fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
+    fig, ax = plt.subplots(figsize=(9, 5.4), dpi=110)
     try:
         if edges is not None:
             widths = np.diff(edges)
@@ -181,20 +182,22 @@ def plot(path: str, d: dict[str, Any], summary: dict[str, Any]) -> None:
             ax.set_xlim(edges[0], edges[-1] + 0.02 * (edges[-1] - edges[0]))
         threshold = summary["threshold"]
         if threshold is not None:
-            ax.axvline(threshold, color="tab:red", linestyle="--", linewidth=1.5,
-                       label=f"threshold {threshold:.4g}" + (f" (q={summary['quantile']:g})" if summary["quantile"] else ""))
+            label = f"threshold {threshold:.4g}" + (f" (q={summary['quantile']:g})" if summary["quantile"] else "")
+            ax.axvline(threshold, color="tab:red", linestyle="--", linewidth=1.5, label=label)
         if live_counts is None or edges is None:
             reason = summary["note"] or ("no live histogram from the server" if edges is not None
                                          else "no histograms from the server")
-            ax.text(0.5, 0.5, reason, transform=ax.transAxes, ha="center", va="center", fontsize=13, color="0.35")
+            ax.text(0.5, 0.6, reason, transform=ax.transAxes, ha="center", va="center", fontsize=13, color="0.25",
+                    bbox={"facecolor": "white", "edgecolor": "0.6", "boxstyle": "round,pad=0.4", "alpha": 0.95})
         ax.set_xlabel("reconstruction error of the concept model (mean squared error per image)")
         ax.set_ylabel("density")
         verdict = "OK" if summary["passed"] else "ABOVE MAX"
         ax.set_title(f"{summary['model_name']} version {summary['version']}: drift rate {rate_s} "
                      f"(max {max_s}) — {verdict}")
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="upper right", framealpha=0.9)
+        ax.set_ylim(bottom=0)
+        if ax.get_legend_handles_labels()[0]:  # below the axes: never hides the data
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, frameon=False, fontsize=9)
         fig.tight_layout()
         tmp = f"{path}.tmp.png"
         fig.savefig(tmp)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -56,6 +57,7 @@ SERVER_VERSION = "0.1.0"
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
 RING_SIZE = 10_000
 RECENT_CAP = 5_000
+PID = os.getpid()
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 
 log = logging.getLogger("serve")
@@ -912,6 +914,8 @@ class App:
         return "the model rejected the input: " + (text[0][:300] if text else type(exc).__name__)
 
     def v1_get(self, path: str) -> tuple[int, Any]:
+        if ":" in path.rsplit("/", 1)[-1]:
+            raise self._no_route(path, "GET")
         name, version, label, rest = self._v1_parse(path)
         model = self.model
         model.check_name(name)
@@ -958,7 +962,7 @@ class App:
             return 200, {"live": True}
         if path == "/v2/health/ready":
             ok = self.ready and not self.model.reload_lock.locked()
-            return (200 if ok else 503), {"ready": ok}
+            return (200 if ok else 503), {"ready": ok, "pid": PID}
         if not path.startswith("/v2/models/"):
             raise self._no_route(path, "GET")
         name, version, rest = self._v2_parse(path)
@@ -1165,6 +1169,14 @@ def main(argv: list[str] | None = None) -> int:
     host_url = f"[{args.host}]" if ":" in args.host else args.host
 
     class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown (exit -15); a handled
+            # SIGTERM is a clean stop here, so the process logs "stopped" and exits 0.
+            with super().capture_signals():
+                yield
+                getattr(self, "_captured_signals", []).clear()
+
         async def startup(self, sockets=None):  # noqa: D401 - uvicorn hook
             await super().startup(sockets=sockets)
             if self.started:

@@ -26,6 +26,7 @@ from common import (  # noqa: E402
     log,
     main,
     make_dir,
+    steps_per_execution,
     write_json_atomic,
 )
 
@@ -45,7 +46,7 @@ def settings() -> dict:
     }
 
 
-def build_model(keras, learning_rate: float):
+def build_model(keras, learning_rate: float, steps: int = 0):
     model = keras.Sequential(
         [
             keras.Input(shape=(784,), name="images"),
@@ -59,6 +60,7 @@ def build_model(keras, learning_rate: float):
         optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
+        steps_per_execution=steps_per_execution(steps),
     )
     return model
 
@@ -83,7 +85,7 @@ def run() -> None:
 
     keras.utils.set_random_seed(cfg["seed"])
     x_train, x_test = as_features(x_train), as_features(x_test)
-    model = build_model(keras, cfg["learning_rate"])
+    model = build_model(keras, cfg["learning_rate"], cfg["steps"])
     steps = cfg["steps"] or None
     log(
         STAGE,
@@ -122,6 +124,7 @@ def run() -> None:
             "learning_rate": cfg["learning_rate"],
             "seed": cfg["seed"],
             "train_seconds": round(train_seconds, 3),
+            "optimizer_steps": int(model.optimizer.iterations.numpy()),
             "train_count": int(len(x_train)),
             "test_count": int(len(x_test)),
         },

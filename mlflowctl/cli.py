@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     serve = add("serve", "start, stop or inspect the serving target")
     serve.add_argument("action", choices=("start", "stop", "status"))
     add("rollback", "make the previous stable version stable again")
+    add("report", "the stable endpoint, its tested accuracy and the live drift rate")
     return parser
 
 
@@ -174,6 +175,37 @@ def cmd_rollback(root: Path, overrides: dict[str, str], args: Any) -> int:
     project = _project(root, overrides)
     number = rollback(project)
     print(f"model {project.model_name}: version {number} is stable again")
+    return EXIT_OK
+
+
+def cmd_report(root: Path, overrides: dict[str, str], args: Any) -> int:
+    import json
+
+    pipeline = load_pipeline(root, overrides)
+    project = pipeline.project
+    stable = project.models.labels().get("stable")
+    if stable is None:
+        print(f"model {project.model_name}: no stable version yet (run: doit)")
+        return EXIT_OK
+
+    def result(stage: str, name: str) -> dict[str, Any]:
+        try:
+            return json.loads((pipeline.current_result(stage) / name).read_text())
+        except (MlflowctlError, OSError, ValueError):
+            return {}
+
+    endpoint = project.serving.endpoint(label="stable")
+    test, drift = result("integration_test", "report.json"), result("monitor", "drift.json")
+    print(f"stable:    {project.model_name} version {stable}")
+    print(f"endpoint:  {endpoint.predict_url}")
+    if test:
+        ood = test.get("ood_rate") or {}
+        print(f"accuracy:  {test.get('accuracy', float('nan')):.4f} on {test.get('samples')} held-out images "
+              f"(floor {test.get('min_accuracy')}); flagged out-of-distribution: noisy {ood.get('noisy')}, "
+              f"random {ood.get('random')}")
+    if drift:
+        print(f"drift:     {drift.get('drift_rate', drift.get('rate'))} of live requests out of distribution "
+              f"(max {drift.get('max_drift_rate')}); report: {pipeline.current_result('monitor') / 'report.md'}")
     return EXIT_OK
 
 

@@ -211,12 +211,16 @@ class LocalServing(ServingTarget):
         info = _read_json(self.info_file, {})
         return info.get("url") or self.url
 
-    def _ready(self) -> bool:
+    def _ready(self, pid: int | None = None) -> bool:
+        """Does the server answer ready -- and, given ``pid``, is it that process (not another on the port)?"""
         import requests
 
         try:
-            return self._get("/v2/health/ready", timeout=1.0).status_code == 200
-        except requests.RequestException:
+            r = self._get("/v2/health/ready", timeout=1.0)
+            if r.status_code != 200:
+                return False
+            return pid is None or r.json().get("pid") == pid
+        except (requests.RequestException, ValueError, AttributeError):
             return False
 
     def _base_path(self) -> Path:
@@ -265,7 +269,7 @@ class LocalServing(ServingTarget):
                 elif "No module named" in gist:
                     hint = "install the server's requirements (image/requirements.txt) into serving.local.python"
                 raise UnavailableError(f"the model server exited at start (code {code}): {gist}", hint=hint)
-            if self._ready():
+            if self._ready(proc.pid):
                 return proc.pid
             if time.monotonic() > deadline:
                 self._terminate(proc.pid)

@@ -118,9 +118,9 @@ def write_context(folder: Path, dockerfile: str = DOCKERFILE, script: str = SCRI
     return folder
 
 
-def docker_project(root: Path, context: Path | None = None, **settings: str) -> Project:
+def docker_project(root: Path, code: Path | None = None, **settings: str) -> Project:
     """A real project (dodo.py, tasks/, mlflowctl.yaml) whose image/ is the tiny context, on the docker backend."""
-    code = context or write_context(root.parent / f"{root.name}-ctx")
+    code = code or write_context(root.parent / f"{root.name}-ctx")
     make_project(root, stage_code=code)
     overrides = {"project": SESSION, "backend": "docker"}
     overrides.update({f"backends.docker.{k}": v for k, v in settings.items()})

@@ -134,9 +134,12 @@ def test_gate_blocks_a_bad_model_and_stable_keeps_serving(project):
     assert stable_answers(port, "fmnist") == [2]
     models = mlflowctl(root, "models").stdout
     assert "3  rejected" in models and "below the floor" in models
-    # the unversioned URL, as a TF Serving client would call it, still answers from version 2
+    # version 3 was withdrawn: TF Serving reports an unloaded version as END and refuses to predict with it
     r = requests.get(f"http://127.0.0.1:{port}/v1/models/fmnist/versions/3", timeout=10)
-    assert r.status_code == 404
+    assert r.json()["model_version_status"][0]["state"] == "END"
+    r = requests.post(f"http://127.0.0.1:{port}/v1/models/fmnist/versions/3:predict",
+                      json={"instances": [[0.0] * 784]}, timeout=10)
+    assert r.status_code == 404 and "error" in r.json()
 
 
 def test_rollback_restores_the_previous_stable_version(project):

@@ -127,6 +127,7 @@ def test_train_model_runs_and_reports_epochs(trained):
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["accuracy"] > 0.3  # 5 steps already beat chance
     assert math.isfinite(metrics["loss"])
     assert (metrics["epochs"], metrics["steps"], metrics["batch_size"]) == (1, 5, 64)
+    assert metrics["optimizer_steps"] == 5  # STEPS is honoured exactly
     assert metrics["learning_rate"] == 0.001 and metrics["train_seconds"] >= 0
 
 
@@ -159,6 +160,7 @@ def test_train_concept_runs_and_writes_threshold(trained):
     assert sum(counts) == 60000
     metrics = json.loads((run["dir"] / "metrics.json").read_text())
     assert metrics["threshold"] == th["threshold"] and metrics["epochs"] == 1
+    assert metrics["optimizer_steps"] == 5
     assert 0 < metrics["train_error_mean"] < th["threshold"]
     assert 0 < metrics["test_error_mean"] < 1
 

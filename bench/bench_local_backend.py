@@ -141,7 +141,8 @@ def main() -> int:
                   f"(wall medians, {len(td.wall)} pairs; on this shared machine run-to-run spread is "
                   f"{min(td.wall):.1f}-{max(td.wall):.1f} s direct)")
         print()
-        cpu_note = (f"cpu overhead {(tb.cpu_median - td.cpu_median) / td.cpu_median * 100:+.1f} %"
+        cpu_note = (f"cpu overhead {(tb.cpu_median - td.cpu_median) / td.cpu_median * 100:+.1f} %, "
+                    f"min-to-min {(min(tb.wall) - min(td.wall)) / min(td.wall) * 100:+.1f} %"
                     if td.cpu and tb.cpu else "")
         bench.record("local backend overhead on train_model", train_pct, "%", limit=5.0, target="<= 5 %",
                      peer=f"direct {bench.fmt_s(td)}, backend {bench.fmt_s(tb)}", note=cpu_note)

@@ -62,10 +62,11 @@ def main() -> int:
 
         peer_help = f"doit --help {bench.fmt_s(doit_help)}" + (f", dvc --help {bench.fmt_s(dvc_help)}" if dvc_help else "")
         bench.record("mlflowctl --help", mlf_help.median if mlf_help.wall else None, "s", limit=0.2,
-                     target="<= 0.2 s", peer=peer_help, note=f"cpu {mlf_help.cpu_median:.3f} s")
+                     target="<= 0.2 s", peer=peer_help, note=f"min {min(mlf_help.wall, default=0):.3f} s, cpu {mlf_help.cpu_median:.3f} s")
         bench.record("doit list (project copy)", mlf_list.median if mlf_list.wall else None, "s", limit=0.3,
                      target="<= 0.3 s", peer=f"bare doit list {bench.fmt_s(bare_list)}",
-                     note=f"cpu {mlf_list.cpu_median:.3f} s")
+                     note=f"min {min(mlf_list.wall, default=0):.3f} s, cpu {mlf_list.cpu_median:.3f} s; "
+                          f"bare doit list cpu {bare_list.cpu_median:.3f} s")
         for label, forbidden in heavy.items():
             bench.record(f"heavy imports: {label}", float(len(forbidden)), "", limit=0.0, target="none",
                          note=", ".join(forbidden) or "none of tensorflow/docker/kubernetes/boto3")

@@ -34,8 +34,12 @@ class SettingError(StageError):
 
 
 def log(stage: str, message: str) -> None:
-    """One progress line on stdout, flushed (the backend streams it live)."""
-    print(f"{stage}: {message}", flush=True)
+    """One progress line on stdout, flushed (the backend streams it live).
+
+    Under mlflowctl (``STAGE_NAME`` set) the backend already prefixes every
+    line with ``[stage]``; run by hand, the script names itself.
+    """
+    print(message if os.environ.get("STAGE_NAME") == stage else f"{stage}: {message}", flush=True)
 
 
 # --------------------------------------------------------------------- settings

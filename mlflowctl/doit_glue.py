@@ -95,9 +95,19 @@ class _Uptodate:
         self.name = name
 
     def __call__(self) -> bool:
+        """Also the preflight: a stage about to run checks its store and backend first.
+
+        doit asks this in its main thread before running anything of the
+        stage, so an unreachable Docker daemon or kube context ends the run
+        here with one line and its own exit code.
+        """
         try:
             p = pipeline()
-            return p.is_complete(p.stages[self.name])
+            stage = p.stages[self.name]
+            complete = p.is_complete(stage)
+            if not complete:
+                _preflight(p, stage)
+            return complete
         except MlflowctlError as exc:
             print(f"mlflowctl: {exc}", file=sys.stderr)
             raise SystemExit(exc.exit_code) from None
@@ -106,16 +116,22 @@ class _Uptodate:
 _preflight_done: set[int] = set()
 
 
+def _preflight(p: Pipeline, stage: Stage) -> None:
+    """Check the store, and the backend if the stage runs on it, once per run."""
+    checks = [p.project.store] + ([p.project.backend] if stage.command else [])
+    for plugin in checks:
+        if id(plugin) not in _preflight_done:
+            plugin.preflight()
+            _preflight_done.add(id(plugin))
+
+
 def _run(name: str) -> Any:
     from doit.exceptions import TaskFailed
 
     p = pipeline()
     try:
         stage = p.stages[name]
-        if stage.command and id(p.project.backend) not in _preflight_done:
-            p.project.store.preflight()
-            p.project.backend.preflight()
-            _preflight_done.add(id(p.project.backend))
+        _preflight(p, stage)
         p.run(name)
     except MlflowctlError as exc:
         return TaskFailed(f"mlflowctl: {exc}")

@@ -13,6 +13,7 @@ import inspect
 import json
 import shutil
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -298,6 +299,7 @@ def _tail(path: Path, lines: int = 3) -> str:
 _LIVE: dict[int, StageRun] = {}
 _LIVE_LOCK = threading.Lock()
 _PREVIOUS_HANDLER: Any = None
+_INTERRUPTED = False
 
 
 class _live:
@@ -314,9 +316,17 @@ class _live:
 
 
 def _on_sigint(signum: int, frame: Any) -> None:
+    """First Ctrl-C: cancel every live run and let their stages fail cleanly; second: interrupt."""
+    global _INTERRUPTED
     with _LIVE_LOCK:
-        for run in _LIVE.values():
+        live = [run for run in _LIVE.values() if not run.cancelled.is_set()]
+        for run in live:
             run.cancelled.set()
+    if live and not _INTERRUPTED:
+        _INTERRUPTED = True
+        print(f"\nmlflowctl: cancelling {', '.join(r.stage for r in live)} (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+        return
     handler = _PREVIOUS_HANDLER
     if callable(handler):
         handler(signum, frame)

@@ -27,7 +27,6 @@ import re
 import secrets
 import shlex
 import shutil
-import sys
 import threading
 import time
 from pathlib import Path
@@ -51,6 +50,37 @@ DEFAULT_IGNORE = ("**/__pycache__", "**/*.pyc", "**/*.pyo", "**/.pytest_cache", 
 # Bump when the digest recipe changes, so old tags are not taken for new contexts.
 DIGEST_RECIPE = "mlflowctl-docker-context/1"
 UNREACHABLE_HINT = "start it (e.g. `sudo dockerd &` or `make docker`) or set backends.docker.base_url"
+
+
+# Containers started and not yet disposed of, for the exit hook: doit's parallel runner (-n) runs stages
+# in daemon threads, which die with the interpreter on Ctrl-C before they can clean up after themselves.
+_LIVE: dict[str, Any] = {}
+_LIVE_LOCK = threading.Lock()
+_EXIT_HOOK: list[bool] = []
+
+
+def _track(container: Any) -> None:
+    with _LIVE_LOCK:
+        _LIVE[container.id] = container
+        if not _EXIT_HOOK:
+            import atexit
+
+            atexit.register(_remove_live_containers)
+            _EXIT_HOOK.append(True)
+
+
+def _untrack(container: Any) -> None:
+    with _LIVE_LOCK:
+        _LIVE.pop(container.id, None)
+
+
+def _remove_live_containers() -> None:
+    """At interpreter exit: force-remove the stage containers whose run did not get to clean up."""
+    with _LIVE_LOCK:
+        left = list(_LIVE.values())
+        _LIVE.clear()
+    for container in left:
+        _quiet(lambda c=container: c.remove(force=True))
 
 
 class DockerBackend(Backend):
@@ -128,7 +158,17 @@ class DockerBackend(Backend):
     def preflight(self) -> None:
         self.client()
         if not self.setting("image"):
-            self.context_info()
+            self.check_context()
+
+    def check_context(self) -> None:
+        """Raise ``ConfigError`` naming the path when the build context or its Dockerfile is missing."""
+        root, dockerfile = self.context_dir(), self.dockerfile_path()
+        if not root.is_dir():
+            raise ConfigError(f"backends.docker.context: build context {root} is not a directory",
+                              hint="set backends.docker.context (relative to the project root)")
+        if not dockerfile.is_file():
+            raise ConfigError(f"backends.docker.dockerfile: {dockerfile} not found",
+                              hint="set backends.docker.dockerfile (relative to the build context)")
 
     # -- the image -------------------------------------------------------------
     def context_dir(self) -> Path:
@@ -141,14 +181,8 @@ class DockerBackend(Backend):
         """The build context's files and digest (computed once per process)."""
         with self._lock:
             if self._context is None:
-                root, dockerfile = self.context_dir(), self.dockerfile_path()
-                if not root.is_dir():
-                    raise ConfigError(f"backends.docker.context: build context {root} is not a directory",
-                                      hint="set backends.docker.context (relative to the project root)")
-                if not dockerfile.is_file():
-                    raise ConfigError(f"backends.docker.dockerfile: {dockerfile} not found",
-                                      hint="set backends.docker.dockerfile (relative to the build context)")
-                self._context = context_info(root, dockerfile)
+                self.check_context()
+                self._context = context_info(self.context_dir(), self.dockerfile_path())
             return self._context
 
     def image_ref(self) -> str:
@@ -241,8 +275,19 @@ class DockerBackend(Backend):
         return image
 
     def profile(self) -> dict[str, Any]:
-        """The image's content id joins every stage's key: new image content, new results."""
-        return {"backend": self.name, "image_digest": self.ensure_image().id}
+        """What of the image joins every stage's key: its environment, not its stage scripts.
+
+        The digest covers the Dockerfile, requirements and every other file of
+        the build context except the top-level ``*.py`` stage scripts, which
+        each stage already keys by its own ``code`` files. So a new base,
+        new requirements or a changed Dockerfile re-run every stage, while a
+        changed ``train_model.py`` rebuilds only the top layer and re-runs
+        only the stages that depend on it. With a fixed ``image`` setting, the
+        image's id is used instead.
+        """
+        if self.setting("image"):
+            return {"backend": self.name, "image_digest": self.ensure_image().id}
+        return {"backend": self.name, "environment_digest": self.context_info().environment_digest[:20]}
 
     # -- running a stage ---------------------------------------------------------
     def container_name(self, stage: str) -> str:
@@ -277,13 +322,13 @@ class DockerBackend(Backend):
         import docker.errors
         from docker.types import DeviceRequest, Mount
 
-        started = time.monotonic()
-        image = self.ensure_image()
+        image = self.ensure_image()  # (not part of the stage's time or timeout)
         client = self.client()
+        started = time.monotonic()
         name = self.container_name(run.stage)
         for spec in self.setting("mounts") or []:
             host, _, _ = _parse_mount(str(spec))
-            if not os.path.exists(host):
+            if not os.path.exists(host) and spec not in self.settings["mounts"].default:
                 run.emit(f"note: backends.docker.mounts: {host} does not exist here, not mounted")
         kwargs: dict[str, Any] = dict(
             image=image.id, command=list(run.command), name=name, detach=True,
@@ -305,13 +350,14 @@ class DockerBackend(Backend):
             with LogWriter(run) as log:
                 try:
                     container = client.containers.create(**kwargs)
+                    _track(container)
                     container.start()
                 except docker.errors.APIError as exc:
                     raise MlflowctlError(f"stage {run.stage}: cannot start container {name} from "
                                          f"{self.build_info.get('tag') or image.id}: {_api_reason(exc)}",
                                          hint="check backends.docker in mlflowctl.yaml") from None
-                reader = threading.Thread(target=_pump_logs, args=(container, log), daemon=True,
-                                          name=f"logs-{name}")
+                pump = _LogPump(container, log)
+                reader = threading.Thread(target=pump.follow, daemon=True, name=f"logs-{name}")
                 reader.start()
                 done = threading.Event()
                 waiter = threading.Thread(target=_wait_exit, args=(container, status, done), daemon=True,
@@ -323,11 +369,17 @@ class DockerBackend(Backend):
                             raise Cancelled(f"stage {run.stage} cancelled")
                         if run.timeout and time.monotonic() - started > run.timeout:
                             raise Cancelled(f"stage {run.stage} timed out after {run.timeout:g} s")
+                except KeyboardInterrupt:
+                    self._stop(container)
+                    reader.join(timeout=2)
+                    raise Cancelled(f"stage {run.stage} interrupted") from None
                 except BaseException:
                     self._stop(container)
                     reader.join(timeout=2)
                     raise
                 reader.join(timeout=10)
+                if not reader.is_alive():
+                    pump.finish()
                 if "error" in status:
                     raise UnavailableError(f"stage {run.stage}: lost the container {name}: {status['error']}")
                 exit_code = int(status.get("StatusCode", -1))
@@ -340,8 +392,11 @@ class DockerBackend(Backend):
                     except docker.errors.APIError:
                         pass
         finally:
+            if container is None:  # interrupted between create and its return: find it by name
+                container = _find_container(client, name)
             if container is not None:
                 self._dispose(container, run)
+                _untrack(container)
         detail = {"container": name, "image": image.id, "tag": self.build_info.get("tag", "")}
         return StageResult(exit_code, time.monotonic() - started, run.log_path, detail)
 
@@ -491,6 +546,12 @@ class ContextInfo:
             self.dockerfile_name = ".mlflowctl.Dockerfile"
             self.dockerfile_outside = True
         self.tar_members: list[str] = []  # files and directories sent to the builder
+        self.environment_digest = digest  # the context without the stage scripts (see is_stage_script)
+
+
+def is_stage_script(rel: str) -> bool:
+    """Top-level ``*.py`` files are stage code: each stage keys the ones it runs by their own digests."""
+    return "/" not in rel and rel.endswith(".py")
 
 
 def read_dockerignore(root: Path) -> list[str]:
@@ -512,6 +573,7 @@ def context_info(root: Path, dockerfile: Path) -> ContextInfo:
         df_rel = None
     members = sorted(exclude_paths(str(root), patterns, dockerfile=df_rel or "Dockerfile"))
     h = hashlib.sha256(DIGEST_RECIPE.encode() + b"\0")
+    env = hashlib.sha256(DIGEST_RECIPE.encode() + b"\0environment\0")
     files = []
     for rel in members:
         path = root / rel
@@ -525,8 +587,12 @@ def context_info(root: Path, dockerfile: Path) -> ContextInfo:
             continue
         files.append(rel)
         h.update(json.dumps(entry, sort_keys=True).encode() + b"\n")
+        if not is_stage_script(rel):
+            env.update(json.dumps(entry, sort_keys=True).encode() + b"\n")
     h.update(b"dockerfile\0" + dockerfile.read_bytes())
+    env.update(b"dockerfile\0" + dockerfile.read_bytes())
     info = ContextInfo(root, dockerfile, files, h.hexdigest())
+    info.environment_digest = env.hexdigest()
     info.tar_members = members
     return info
 
@@ -588,21 +654,47 @@ def _build_lines(stream: Iterable[dict[str, Any]]) -> Iterable[tuple[str, str]]:
         yield "line", pending
 
 
-def _pump_logs(container: Any, log: LogWriter) -> None:
-    """Follow the container's stdout+stderr and hand complete lines to the log writer."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    pending = ""
-    try:
-        for chunk in container.logs(stream=True, follow=True, stdout=True, stderr=True):
-            pending += decoder.decode(chunk)
-            *complete, pending = pending.split("\n")
-            for line in complete:
-                log.line(line.rstrip("\r"))
-        pending += decoder.decode(b"", final=True)
-        if pending:
-            log.line(pending)
-    except Exception:  # the container was removed under us (cancel) or the stream broke: nothing to add
-        pass
+class _LogPump:
+    """Follow the container's stdout+stderr and hand complete lines to the log writer.
+
+    The daemon's follow stream can end before the last bytes a container wrote
+    (typically a final line without a newline) are delivered; :meth:`finish`
+    compares with the complete log and passes on what the stream missed.
+    """
+
+    def __init__(self, container: Any, log: LogWriter) -> None:
+        self.container = container
+        self.log = log
+        self.seen = 0
+        self.pending = ""
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, chunk: bytes) -> None:
+        self.seen += len(chunk)
+        self.pending += self.decoder.decode(chunk)
+        *complete, self.pending = self.pending.split("\n")
+        for line in complete:
+            self.log.line(line.rstrip("\r"))
+
+    def follow(self) -> None:
+        try:
+            for chunk in self.container.logs(stream=True, follow=True, stdout=True, stderr=True):
+                self.feed(chunk)
+        except Exception:  # the container was removed under us (cancel) or the stream broke
+            pass
+
+    def finish(self) -> None:
+        """After the container exited and :meth:`follow` returned: what the stream missed, then the last line."""
+        try:
+            full = self.container.logs(stdout=True, stderr=True, stream=False)
+        except Exception:  # noqa: BLE001 - the log is as complete as it can be
+            full = b""
+        if len(full) > self.seen:
+            self.feed(full[self.seen:])
+        self.pending += self.decoder.decode(b"", final=True)
+        if self.pending:
+            self.log.line(self.pending.rstrip("\r"))
+            self.pending = ""
 
 
 def _wait_exit(container: Any, status: dict[str, Any], done: threading.Event) -> None:
@@ -612,6 +704,14 @@ def _wait_exit(container: Any, status: dict[str, Any], done: threading.Event) ->
         status["error"] = _reason(exc)
     finally:
         done.set()
+
+
+def _find_container(client: Any, name: str) -> Any:
+    try:
+        found = client.containers.list(all=True, filters={"name": f"^/?{name}$"})
+    except Exception:  # noqa: BLE001 - nothing more we can do
+        return None
+    return found[0] if found else None
 
 
 def _quiet(fn: Callable[[], Any]) -> None:

@@ -5,7 +5,7 @@ from mlflowctl.pipeline import Stage
 MONITOR = Stage(
     name="monitor",
     command=("python", "monitor.py"),
-    code=("monitor.py", "common.py"),
+    code=("monitor.py", "endpoint_client.py", "common.py"),
     inputs=(("ENDPOINT_DIR", "promote"),),
     output="OUTPUT_DIR",
     doc="report drift of the stable version's live traffic (markdown + PNG); fail above monitor.max_drift_rate",

@@ -527,6 +527,31 @@ def test_fuzz_never_5xx(server):
     assert post(server, f"/v1/models/{NAME}:predict", {"instances": [BLANK]}).status_code == 200
 
 
+def test_engines_agree(server, registry, tmp_path):
+    """The default engine runs serving_default on TFLite (verified against TF at load time);
+    --engine tf runs the TF concrete functions (classifier and concept fused in one graph call).
+    Both must answer the same, and both must score drift."""
+    assert "engine tflite, concept model on tflite" in server.log.read_text()
+    routing = tmp_path / "routing.json"
+    fx.write_routing(routing, [1, 2], {"stable": 1, "canary": 2})
+    rng = random.Random(7)
+    batch = [BLANK, WHITE] + [[rng.random() for _ in range(784)] for _ in range(3)]
+    with fx.running_server(NAME, registry, routing, tmp_path / "tf.log", extra=["--engine", "tf"]) as tf_srv:
+        assert "engine tf, concept model on tf" in (tmp_path / "tf.log").read_text()
+        for path in (f"/v1/models/{NAME}/versions/1:predict", f"/v1/models/{NAME}/versions/2:predict"):
+            for body in ({"instances": batch}, {"inputs": batch[:1]}, {"instances": batch[2:3]}):
+                a = post(server, path, body).json()
+                b = requests.post(tf_srv.url + path, json=body, timeout=10).json()
+                key = "predictions" if "instances" in body else "outputs"
+                for ra, rb in zip(a[key], b[key]):
+                    assert ra == pytest.approx(rb, rel=1e-3, abs=1e-5)
+        d = requests.get(f"{tf_srv.url}/monitor/v1/models/{NAME}/drift?version=2", timeout=10).json()
+        sent = batch + batch[:1] + batch[2:3]  # what version 2 saw
+        expected = sum(sum(p * p for p in img) / 784 > fx.CONCEPT_THRESHOLD for img in sent)
+        assert d["scored"] == 7 and d["outliers"] == expected
+        assert d["recent_errors"][:2] == [0.0, 1.0]
+
+
 # ----------------------------------------------------------------------------- process behaviour
 def test_port_in_use_exits_with_one_line(registry, tmp_path):
     with socket.socket() as s:

@@ -172,12 +172,19 @@ class Version:
     ring_len: int = 0
     scored: int = 0
     outliers: int = 0
+    test_scored: int = 0            # traffic marked "X-Mlflowctl-Traffic: test" (the integration test):
+    test_outliers: int = 0          # counted apart, never in the live statistics the monitor reads
     predictions: int = 0
     label: str = ""                 # str(number), precomputed for metrics
 
-    def record(self, errors: np.ndarray) -> int:
-        """Add reconstruction errors to the ring buffer; returns how many are outliers."""
+    def record(self, errors: np.ndarray, test: bool = False) -> int:
+        """Add reconstruction errors to the ring buffer (live traffic only); returns how many are outliers."""
         n = errors.shape[0]
+        if test:
+            bad_count = n - int(np.count_nonzero(errors <= self.concept.threshold))
+            self.test_scored += n
+            self.test_outliers += bad_count
+            return bad_count
         if n == 1:
             self.ring[self.ring_pos] = errors[0]
             self.ring_pos = (self.ring_pos + 1) % RING_SIZE
@@ -571,6 +578,10 @@ class Model:
         self.label_map: dict[str, Version] = {}
         self.reload_lock = threading.Lock()
 
+    def _set_state(self, n: int, st: VersionState) -> None:
+        # copy-on-write: the event-loop thread may be iterating the current dict
+        self.states = {**self.states, n: st}
+
     # -- reload (runs in a worker thread; the swap is a few attribute assignments) --
     def reload(self) -> dict[str, Any]:
         with self.reload_lock:
@@ -578,29 +589,24 @@ class Model:
             wanted = set(routing.versions)
             versions = dict(self.versions)
             for n in sorted(wanted - set(versions)):
-                self.states[n] = VersionState("LOADING")
+                self._set_state(n, VersionState("LOADING"))
                 t0 = time.monotonic()
                 try:
                     versions[n] = load_version(self.base, n)
                 except Exception as exc:  # noqa: BLE001 - a broken version must not take the server down
                     code = "NOT_FOUND" if isinstance(exc, FileNotFoundError) else "UNKNOWN"
-                    self.states[n] = VersionState("END", code, f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
+                    self._set_state(n, VersionState("END", code, f"{type(exc).__name__}: {exc}".splitlines()[0][:500]))
                     log.error("version %d of %s could not be loaded: %s", n, self.name, self.states[n].error_message)
                     continue
-                self.states[n] = VersionState("AVAILABLE")
                 v = versions[n]
                 sd = v.signatures.get("serving_default")
                 log.info("loaded version %d of %s in %.2fs (engine %s%s)", n, self.name, time.monotonic() - t0,
                          sd.engine if sd else "tf",
                          f", concept model on {v.concept.sig.engine}" if v.concept else ", no concept model")
-            for n in sorted(set(versions) - wanted):
-                self.states[n] = VersionState("UNLOADING")
+            removed = sorted(set(versions) - wanted)
+            for n in removed:
+                self._set_state(n, VersionState("UNLOADING"))
                 versions.pop(n)
-                self.states[n] = VersionState("END")
-                log.info("unloaded version %d of %s", n, self.name)
-            for n in list(self.states):
-                if n not in wanted and self.states[n].state not in ("END",):
-                    self.states[n] = VersionState("END")
             # swap
             label_map = {lab: versions[n] for lab, n in routing.labels.items() if n in versions}
             default = label_map.get("stable") or (versions[max(versions)] if versions else None)
@@ -611,6 +617,19 @@ class Model:
             self.default = default
             self.canary = canary if canary is not None and canary is not default else None
             self.canary_weight = routing.canary_weight if self.canary is not None else 0.0
+            # states last: AVAILABLE only once routable, END only once no longer routed
+            self.states = {**self.states, **{n: VersionState("AVAILABLE") for n in versions
+                                             if self.states.get(n, VersionState()).state != "AVAILABLE"},
+                           **{n: VersionState("END") for n in removed}}
+            for n in removed:
+                log.info("unloaded version %d of %s", n, self.name)
+            for n, st in list(self.states.items()):
+                if n not in wanted and st.state != "END":
+                    self._set_state(n, VersionState("END"))
+            log.info("routing: serving versions %s, labels %s, default %s%s", sorted(versions),
+                     {k: v.number for k, v in label_map.items()} or "none",
+                     default.number if default else "none",
+                     f", canary {self.canary.number} at weight {self.canary_weight:g}" if self.canary else "")
             return self.describe()
 
     def describe(self) -> dict[str, Any]:
@@ -855,6 +874,7 @@ class App:
         self.metrics = metrics
         self.max_body = max_body
         self.ready = False
+        self.test_traffic = False  # set per POST from the X-Mlflowctl-Traffic header
         self.loop: asyncio.AbstractEventLoop | None = None
         self.reloading: asyncio.Lock | None = None
 
@@ -906,6 +926,8 @@ class App:
         endpoint, version = "other", ""
         try:
             if method == "POST":
+                # models run synchronously on this thread, so a plain attribute is per request
+                self.test_traffic = (b"x-mlflowctl-traffic", b"test") in scope["headers"]
                 body = await self._body(scope, receive)
                 if path.startswith("/v1/models/"):
                     endpoint = "predict"
@@ -1078,9 +1100,10 @@ class App:
                 outs, errors = v.fused(x)
             except Exception as exc:  # noqa: BLE001 - TF rejected the input
                 raise bad(self._tf_message(exc)) from None
-            outliers = v.record(errors.reshape(-1))
+            test = self.test_traffic
+            outliers = v.record(errors.reshape(-1), test)
             v.predictions += n
-            self.metrics.predicted(v, n, errors.size, outliers)
+            self.metrics.predicted(v, n, 0 if test else errors.size, 0 if test else outliers)
             return outs
         try:
             outs = sig.run(inputs)
@@ -1092,7 +1115,9 @@ class App:
                 kin = concept.sig.single_input
                 kin.check(x, "drift")
                 errors = concept.sig.run({kin.alias: x})[concept.sig.outputs[0]].reshape(-1)
-                scored, outliers = errors.size, v.record(errors)
+                scored, outliers = errors.size, v.record(errors, self.test_traffic)
+                if self.test_traffic:
+                    scored = outliers = 0
             except Exception as exc:  # noqa: BLE001 - drift scoring never fails a prediction
                 log.debug("drift scoring skipped: %s", exc)
         v.predictions += n
@@ -1152,8 +1177,9 @@ class App:
         if path == "/v2/health/live":
             return 200, {"live": True}
         if path == "/v2/health/ready":
-            ok = self.ready and not self.model.reload_lock.locked()
-            return (200 if ok else 503), {"ready": ok, "pid": PID}
+            # versions load before the socket listens and reloads swap atomically, so once the
+            # app runs it is ready (a reload in progress keeps the old versions serving)
+            return (200 if self.ready else 503), {"ready": self.ready, "pid": PID}
         if not path.startswith("/v2/models/"):
             raise self._no_route(path, "GET")
         name, version, rest = self._v2_parse(path)
@@ -1260,6 +1286,7 @@ class App:
         per_version = {
             x.label: {"scored": x.scored, "outliers": x.outliers,
                       "outlier_rate": (x.outliers / x.scored) if x.scored else 0.0,
+                      "test": {"scored": x.test_scored, "outliers": x.test_outliers},
                       "threshold": x.concept.threshold if x.concept else None,
                       "predictions": x.predictions}
             for x in model.versions.values()
@@ -1269,6 +1296,7 @@ class App:
         out: dict[str, Any] = {"model_name": name, "version": v.label, "drift_scoring": v.concept is not None,
                                "scored": v.scored, "outliers": v.outliers,
                                "outlier_rate": (v.outliers / v.scored) if v.scored else 0.0,
+                               "test": {"scored": v.test_scored, "outliers": v.test_outliers},
                                "versions": per_version}
         if v.concept is None:
             return 200, out

@@ -38,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("action", choices=("start", "stop", "status"))
     add("rollback", "make the previous stable version stable again")
     add("report", "the stable endpoint, its tested accuracy and the live drift rate")
+    render = add("render", "write what the backend would run for each stage (scripts, Dockerfile) without running it")
+    render.add_argument("--out", default=".mlflowctl/render", help="folder to write into")
+    prune = add("prune", "remove old stage images and leftover containers of the docker backend")
+    prune.add_argument("--keep", type=int, default=1, help="newest images to keep")
     return parser
 
 
@@ -175,6 +179,28 @@ def cmd_rollback(root: Path, overrides: dict[str, str], args: Any) -> int:
     project = _project(root, overrides)
     number = rollback(project)
     print(f"model {project.model_name}: version {number} is stable again")
+    return EXIT_OK
+
+
+def cmd_render(root: Path, overrides: dict[str, str], args: Any) -> int:
+    pipeline = load_pipeline(root, overrides)
+    folder = Path(args.out)
+    folder = folder if folder.is_absolute() else pipeline.project.root / folder
+    for path in pipeline.render(folder):
+        print(path)
+    return EXIT_OK
+
+
+def cmd_prune(root: Path, overrides: dict[str, str], args: Any) -> int:
+    from mlflowctl.errors import ConfigError
+
+    project = _project(root, {"backend": "docker", **overrides})
+    backend = project.backend
+    if not hasattr(backend, "prune"):
+        raise ConfigError(f"backend {project.config['backend']!r} has nothing to prune")
+    backend.preflight()
+    for name in backend.prune(keep=args.keep) + backend.prune_containers():
+        print(f"removed {name}")
     return EXIT_OK
 
 

@@ -124,7 +124,7 @@ def register_trained_model(project: Any, ctx: Any) -> None:
                          **{f"concept:{k}": v for k, v in concept_manifest.get("components", {}).get("code", {}).items()}},
         "model_digest": model_manifest.get("digest"),
         "concept_digest": concept_manifest.get("digest"),
-        "backend": model_manifest.get("components", {}).get("backend", {}),
+        "backend": {**model_manifest.get("components", {}).get("backend", {}), **model_manifest.get("run", {})},
     }
     with project.store.staging("version") as version_dir:
         shutil.copytree(model_dir / "saved_model", version_dir, dirs_exist_ok=True)

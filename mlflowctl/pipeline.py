@@ -238,13 +238,37 @@ class Pipeline:
             logs.mkdir(exist_ok=True)
             shutil.copyfile(log_path, logs / f"{stage.name}.log")
             manifest = {"stage": stage.name, "key": info.key, "components": info.components,
-                        "duration": round(result.duration, 3), "finished_at": time.time()}
+                        "duration": round(result.duration, 3), "finished_at": time.time(),
+                        "run": {k: v for k, v in result.detail.items() if isinstance(v, (str, int, float, bool))}}
             store.publish(out, info.path, manifest=manifest)
         record = self.last_run_path(stage.name)
         record.parent.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps({"key": info.key, "components": info.components}, indent=2, sort_keys=True))
         hook.mlflowctl_after_stage(stage=stage.name, run=run, result=result)
         return result
+
+    def render(self, folder: Path) -> list[Path]:
+        """Write what the backend would execute for each command stage into ``folder``, running nothing.
+
+        Inputs that have a result point at it; inputs still to be produced
+        point at ``folder/pending/<stage>``; outputs go to ``folder/outputs/<stage>``.
+        """
+        written: list[Path] = []
+        for stage in self.stages.values():
+            if not stage.command:
+                continue
+            inputs = {}
+            for env, up in stage.inputs:
+                try:
+                    inputs[env] = self.current_result(up)
+                except MlflowctlError:
+                    inputs[env] = folder / "pending" / up
+            run = StageRun(stage=stage.name, command=list(stage.command), workdir=self.project.stage_code_dir,
+                           env=self.stage_env(stage), inputs=inputs,
+                           outputs={stage.output: folder / "outputs" / stage.name},
+                           log_path=folder / "logs" / f"{stage.name}.log", key=self.resolve(stage).key or "")
+            written += self.project.backend.render(run, folder)
+        return written
 
     def stage_env(self, stage: Stage) -> dict[str, str]:
         env = {"STAGE_NAME": stage.name, "MLFLOWCTL_PROJECT": self.project.name,

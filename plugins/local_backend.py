@@ -62,18 +62,22 @@ class LocalBackend(Backend):
             reader = threading.Thread(target=_pump, args=(proc, log), daemon=True)
             reader.start()
             try:
-                while proc.poll() is None:
+                while True:
+                    try:
+                        proc.wait(timeout=POLL_SECONDS)  # returns the moment the stage exits
+                        break
+                    except subprocess.TimeoutExpired:
+                        pass
                     if run.cancelled.is_set():
                         raise Cancelled(f"stage {run.stage} cancelled")
                     if run.timeout and time.monotonic() - started > run.timeout:
                         raise Cancelled(f"stage {run.stage} timed out after {run.timeout:g} s")
-                    time.sleep(POLL_SECONDS)
             except BaseException:
                 self._stop_group(proc)
                 reader.join(timeout=2)
                 raise
             reader.join()
-        return StageResult(proc.returncode, time.monotonic() - started, run.log_path, {"pid": proc.pid})
+        return StageResult(proc.returncode, time.monotonic() - started, run.log_path)
 
     def _stop_group(self, proc: subprocess.Popen) -> None:
         """SIGTERM the stage's process group, then SIGKILL what is left after stop_timeout."""

@@ -90,10 +90,12 @@ def _is_our_server(pid: int) -> bool:
         return False
 
 
-def _log_gist(path: Path, lines: int = 3) -> str:
-    """The last meaningful lines of the server log, on one line."""
+def _log_gist(path: Path, offset: int = 0, lines: int = 3) -> str:
+    """The last meaningful lines of the server log (from byte ``offset`` on), on one line."""
     try:
-        text = path.read_text(errors="replace")
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            text = fh.read().decode(errors="replace")
     except OSError:
         return "no log"
     keep = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith((" ", "\t"))]
@@ -243,6 +245,7 @@ class LocalServing(ServingTarget):
         self.dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
         with open(self.log_file, "ab") as log:
+            offset = log.tell()
             log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(cmd)}\n".encode())
             log.flush()
             try:
@@ -253,16 +256,15 @@ class LocalServing(ServingTarget):
                                        hint="set serving.local.python to an interpreter with tensorflow and uvicorn") from None
         self._proc = proc
         self.pid_file.write_text(f"{proc.pid}\n")
-        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
         _write_json_atomic(self.info_file, {"pid": proc.pid, "host": host, "port": port, "url": self.url,
                                             "base_path": str(base), "python": python, "started_at": time.time(),
-                                            "model_name": self.model_name, "bind_url": url})
+                                            "model_name": self.model_name})
         deadline = time.monotonic() + float(self._cfg("start_timeout"))
         while True:
             code = proc.poll()
             if code is not None:
                 self._forget()
-                gist = _log_gist(self.log_file)
+                gist = _log_gist(self.log_file, offset)
                 hint = f"see {self.log_file}"
                 if "already in use" in gist:
                     hint = f"stop what listens on port {port} (mlflowctl serve stop) or set serving.local.port"
@@ -276,7 +278,7 @@ class LocalServing(ServingTarget):
                 self._forget()
                 raise UnavailableError(
                     f"the model server did not become ready within {self._cfg('start_timeout'):g}s: "
-                    f"{_log_gist(self.log_file)}",
+                    f"{_log_gist(self.log_file, offset)}",
                     hint=f"see {self.log_file}; raise serving.local.start_timeout if loading is just slow")
             time.sleep(0.2)
 

@@ -522,7 +522,8 @@ def test_full_pipeline_in_docker(tmp_path, docker_client):
     version = versions / "1"
     assert (version / "saved_model.pb").is_file() and (version / "concept" / "saved_model.pb").is_file()
     metadata = json.loads((version / "metadata.json").read_text())
-    assert metadata["backend"]["backend"] == "docker" and metadata["backend"]["image_digest"].startswith("sha256:")
+    backend = metadata["backend"]
+    assert backend["backend"] == "docker" and backend["image"].startswith("sha256:") and backend["environment_digest"]
 
     for path in (root / ".mlflowctl" / "store").rglob("*"):
         assert path.lstat().st_uid == os.getuid(), f"{path} is owned by uid {path.lstat().st_uid}"

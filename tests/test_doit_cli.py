@@ -123,3 +123,15 @@ def test_doit_list_does_not_import_heavy_libraries(project_dir):
     proc = subprocess.run([sys.executable, "-c", probe], cwd=project_dir, env=doit_env(), capture_output=True,
                           text=True, timeout=60)
     assert proc.stdout.rstrip().endswith("HEAVY:"), proc.stdout + proc.stderr
+
+
+def test_render_writes_each_stage_without_running_it(project_dir):
+    proc = subprocess.run([MLFLOWCTL, "-C", str(project_dir), "render", "--out", "rendered", "train_model.epochs=2"],
+                          env=doit_env(), capture_output=True, text=True, timeout=60, check=True)
+    written = [Path(line) for line in proc.stdout.splitlines()]
+    assert {p.name for p in written} == {"data.sh", "train_model.sh", "train_concept.sh", "integration_test.sh",
+                                         "monitor.sh"}
+    script = (project_dir / "rendered" / "train_model.sh").read_text()
+    assert "export EPOCHS=2" in script and "train_model.py" in script
+    assert f"MNIST_DATA_DIR={project_dir / 'rendered' / 'pending' / 'data'}" in script
+    assert not (project_dir / ".mlflowctl" / "store" / "results").exists()  # nothing ran

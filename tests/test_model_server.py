@@ -437,6 +437,30 @@ def test_drift_monitor_endpoint(server):
     assert_error(get(server, f"/monitor/v1/models/{NAME}/drift?version=x"), 400)
 
 
+def test_test_traffic_is_counted_apart_from_live_traffic(server):
+    """The integration test marks its requests; the monitor's live statistics never see them."""
+    def drift():
+        return get(server, f"/monitor/v1/models/{NAME}/drift?version=2").json()
+
+    before = drift()
+    before_metrics = get(server, "/metrics").text
+    tagged = post(server, f"/v1/models/{NAME}/versions/2:predict", {"instances": [WHITE, WHITE, BLANK]},
+                  headers={"X-Mlflowctl-Traffic": "test"})
+    assert tagged.status_code == 200 and set(tagged.json()) == {"predictions"}
+    after = drift()
+    assert after["test"]["scored"] - before["test"]["scored"] == 3
+    assert after["test"]["outliers"] - before["test"]["outliers"] == 2
+    assert (after["scored"], after["outliers"], after["window"]["size"]) == \
+        (before["scored"], before["outliers"], before["window"]["size"])
+    assert after["versions"]["2"]["test"] == after["test"]
+    after_metrics = get(server, "/metrics").text
+    assert metric(after_metrics, "mlflowctl_serving_drift_scored_total", version="2") == \
+        metric(before_metrics, "mlflowctl_serving_drift_scored_total", version="2")
+    # untagged traffic is live again
+    post(server, f"/v1/models/{NAME}/versions/2:predict", {"instances": [WHITE]})
+    assert drift()["scored"] == before["scored"] + 1
+
+
 def test_admin_reload_only_post(server):
     assert_error(get(server, "/admin/reload"), 405)
 
@@ -739,3 +763,24 @@ def test_plugin_nothing_registered(plugin_module, tmp_path):
     with pytest.raises(MlflowctlError, match="no registered version"):
         target.start()
     assert target.status()["running"] is False
+
+
+def test_plugin_start_failures_are_one_line(plugin_module, registry, tmp_path):
+    from mlflowctl.errors import UnavailableError
+
+    project = make_project(tmp_path, registry.parent.parent)
+    bad_python = plugin_module.LocalServing({"port": fx.free_port(), "python": str(tmp_path / "no-python")}, project)
+    with pytest.raises(UnavailableError, match="cannot start the model server") as ei:
+        bad_python.start()
+    assert "\n" not in str(ei.value) and "serving.local.python" in str(ei.value)
+
+    serve_dir = project.state_dir / "serve"
+    (serve_dir / "routing.json").write_text('{"versions": "all of them"}')
+    target = plugin_module.LocalServing({"port": fx.free_port(), "start_timeout": 90.0}, project)
+    try:
+        with pytest.raises(UnavailableError, match="exited at start") as ei:
+            target.start()
+        assert "'versions' must be a list" in str(ei.value) and "\n" not in str(ei.value)
+        assert not (serve_dir / "server.pid").exists()
+    finally:
+        target.stop()

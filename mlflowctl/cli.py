@@ -220,7 +220,7 @@ def cmd_report(root: Path, overrides: dict[str, str], args: Any) -> int:
         except (MlflowctlError, OSError, ValueError):
             return {}
 
-    endpoint = project.serving.endpoint(label="stable")
+    endpoint = project.serving.endpoint()
     test, drift = result("integration_test", "report.json"), result("monitor", "drift.json")
     print(f"stable:    {project.model_name} version {stable}")
     print(f"endpoint:  {endpoint.predict_url}")
@@ -230,8 +230,9 @@ def cmd_report(root: Path, overrides: dict[str, str], args: Any) -> int:
               f"(floor {test.get('min_accuracy')}); flagged out-of-distribution: noisy {ood.get('noisy')}, "
               f"random {ood.get('random')}")
     if drift:
-        print(f"drift:     {drift.get('drift_rate', drift.get('rate'))} of live requests out of distribution "
-              f"(max {drift.get('max_drift_rate')}); report: {pipeline.current_result('monitor') / 'report.md'}")
+        note = f" — {drift['note']}" if drift.get("note") else ""
+        print(f"drift:     {drift.get('rate', 0):.2f} of {drift.get('scored', 0)} live images out of distribution "
+              f"(max {drift.get('max_rate')}){note}; report: {pipeline.current_result('monitor') / 'report.md'}")
     return EXIT_OK
 
 

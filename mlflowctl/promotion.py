@@ -87,7 +87,7 @@ def promote_version(project: Any, ctx: Any) -> None:
     if previous and previous != number:
         models.set_verdict(previous, "superseded", f"version {number} promoted")
     models.set_verdict(number, "promoted", f"accuracy {accuracy:.4f} >= floor {floor:.4f}", report=_summary(report))
-    stable = target.endpoint(label="stable")
+    stable = target.endpoint()  # the URL a TF Serving client calls: /v1/models/<name>:predict
     ctx.log.line(f"version {number} is stable: {stable.predict_url}")
     _write(ctx.output / ENDPOINT_FILE, {**stable.to_dict(), "version": number})
     _write(ctx.output / "promotion.json", {"version": number, "previous": previous, "report": _summary(report)})

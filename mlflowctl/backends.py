@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, TextIO
 
-from mlflowctl.config import Setting
+from mlflowctl.config import Configurable
 from mlflowctl.errors import Cancelled  # noqa: F401  (re-exported for backend authors)
 
 
@@ -56,22 +56,13 @@ class StageResult:
         return self.exit_code == 0
 
 
-class Backend:
+class Backend(Configurable):
     """Base class of execution backends; subclass it and add it with ``registry.add_backend``.
 
     ``settings`` declares the keys of ``backends.<name>`` in ``mlflowctl.yaml``.
     """
 
     name: ClassVar[str] = ""
-    description: ClassVar[str] = ""
-    settings: ClassVar[dict[str, Setting]] = {}
-
-    def __init__(self, settings: dict[str, Any], project: Any) -> None:
-        self.config = settings
-        self.project = project
-
-    def preflight(self) -> None:
-        """Check the backend can run stages at all; raise an ``MlflowctlError`` saying what to do."""
 
     def profile(self) -> dict[str, Any]:
         """What about this backend changes a stage's results: joins every stage's cache key."""

@@ -14,7 +14,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 from mlflowctl.errors import ConfigError
 
@@ -102,6 +102,26 @@ def resolve_secret(value: Mapping[str, Any], where: str) -> str:
         except OSError as exc:
             raise ConfigError(f"{where}: cannot read secret file {value['$file']}: {exc.strerror}") from None
     raise ConfigError(f'{where}: a secret is a string, {{"$env": "VAR"}} or {{"$file": "path"}}, got {dict(value)!r}')
+
+
+class Configurable:
+    """What backends, stores and serving targets share: declared settings and the run's project.
+
+    ``settings`` declares the keys of the plugin's section of ``mlflowctl.yaml``
+    (``backends.<name>``, ``stores.<scheme>``, ``serving.<name>``); an
+    instance gets the validated values as ``self.config``.
+    """
+
+    description: ClassVar[str] = ""
+    settings: ClassVar[dict[str, Setting]] = {}
+
+    def __init__(self, settings: dict[str, Any], project: Any) -> None:
+        self.config = settings
+        self.project = project
+
+    def preflight(self) -> None:
+        """Check the plugin can work at all (daemon reachable, folder writable); raise an
+        ``MlflowctlError`` saying what to do."""
 
 
 # Plugin sections: the name of the key in the section that selects the plugin, and the registry table.

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from mlflowctl.config import Setting
+from mlflowctl.config import Configurable
 
 if TYPE_CHECKING:  # pragma: no cover
     from mlflowctl.model_registry import ModelVersion
@@ -29,22 +29,13 @@ class Endpoint:
         return asdict(self)
 
 
-class ServingTarget:
+class ServingTarget(Configurable):
     """Base class of serving targets; subclass it and add it with ``registry.add_serving_target``.
 
     ``settings`` declares the keys of ``serving.<name>`` in ``mlflowctl.yaml``.
     """
 
     name: ClassVar[str] = ""
-    description: ClassVar[str] = ""
-    settings: ClassVar[dict[str, Setting]] = {}
-
-    def __init__(self, settings: dict[str, Any], project: Any) -> None:
-        self.config = settings
-        self.project = project
-
-    def preflight(self) -> None:
-        """Check the target can be reached; raise an ``MlflowctlError`` saying what to do."""
 
     def deploy(self, version: ModelVersion, label: str = "canary", weight: float = 0.0) -> Endpoint:  # pragma: no cover
         """Serve ``version`` beside what is already served, under ``label``.

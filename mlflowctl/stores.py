@@ -13,12 +13,12 @@ import contextlib
 from pathlib import Path
 from typing import IO, Any, ClassVar, Iterator
 
-from mlflowctl.config import Setting
+from mlflowctl.config import Configurable
 
 MANIFEST = "_manifest.json"
 
 
-class Store:
+class Store(Configurable):
     """Base class of artifact stores; subclass it and add it with ``registry.add_store``.
 
     ``scheme`` is the URL scheme it serves (``file``, ``s3``, ``pvc``);
@@ -26,13 +26,10 @@ class Store:
     """
 
     scheme: ClassVar[str] = ""
-    description: ClassVar[str] = ""
-    settings: ClassVar[dict[str, Setting]] = {}
 
     def __init__(self, url: str, settings: dict[str, Any], project: Any) -> None:
+        super().__init__(settings, project)
         self.url = url
-        self.config = settings
-        self.project = project
 
     # -- objects --------------------------------------------------------
     def exists(self, path: str) -> bool:  # pragma: no cover - abstract
@@ -96,9 +93,6 @@ class Store:
         with self.open(path, "w") as fh:
             json.dump(data, fh, indent=2, sort_keys=True)
             fh.write("\n")
-
-    def preflight(self) -> None:
-        """Check the store is reachable and writable; raise an ``MlflowctlError`` saying what to do."""
 
 
 def file_manifest(root: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:

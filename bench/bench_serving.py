@@ -1,0 +1,676 @@
+"""Serving throughput and latency: mlflowctl's model server vs Seldon Core and MLServer, side by side.
+
+What it measures
+    Batch-1 predictions over HTTP on loopback (127.0.0.1 only): one 28x28 image as JSON
+    (784 floats, the first Fashion-MNIST t10k image / 255, the same body for every request),
+    with drift scoring on (every request also runs the concept autoencoder), all servers
+    serving the SAME SavedModel version copied into a temporary registry. For each server:
+    start it, wait for readiness (bounded), check one request answers with 10 probabilities
+    summing to 1, warm up, then ``wrk -t1 -c2`` and ``wrk -t2 -c8`` (``--latency``, a Lua
+    script POSTing the body), then SIGTERM (SIGKILL after 10 s) and check nothing is left
+    listening. Servers run one at a time (the machine has 2 cores; wrk shares them).
+
+    Rows: ``mlflowctl`` (``image/serve.py``, engine ``auto``: TFLite when it converts and
+    matches), ``mlflowctl --engine tf`` (pure TensorFlow, for honesty), ``seldon``
+    (``seldon-core-microservice``, its defaults: gunicorn, 1 worker, 1 thread), ``seldon
+    2 workers`` (one per core, the best a user could tune it to here), ``mlserver``
+    (``parallel_workers: 0``, ``debug: false``). Peers' wrappers are in
+    ``bench/serving_peers/`` and do the same work per request (classifier + concept model +
+    threshold count). Figures: requests/s, p50/p99 (wrk's latency distribution), errors
+    (non-2xx + socket errors), and the server's CPU time per request (user+sys of its process
+    group during the run; steadier than wall figures on a busy machine).
+
+    Targets (from the issue; printed next to the figures, never asserted): at 8 connections
+    mlflowctl >= 3x Seldon's requests/s, >= 1x MLServer's, p99 <= 10 ms.
+
+How to run
+    .venv/bin/python bench/bench_serving.py [--duration 8] [--warmup 2] [--only mlflowctl,seldon,...]
+                                            [--model VERSION_DIR] [--no-install] [--peer-tf-threads 1]
+
+What it installs, and where (once; cached, git-ignored)
+    bench/.cache/seldon-venv    seldon-core 1.18 (Business Source License: bench only, never a
+                                project dependency) + tensorflow-cpu 2.14 (2.13 as fallback;
+                                seldon-core pins protobuf<4 and numpy<2) + setuptools<81; run
+                                with PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python.
+    bench/.cache/mlserver-venv  mlserver (newest that resolves, 1.6 as fallback) + tensorflow-cpu 2.21.
+    A failed install skips that peer with a printed note (the pip error's last line). The model
+    is the newest complete version under ``.mlflowctl/store/models/mnist/<N>/`` (classifier at
+    the top, autoencoder in ``concept/`` with ``threshold.json``); without one, a tiny one is
+    trained once into ``bench/.cache/serving-model/`` by the stage scripts (EPOCHS=1 STEPS=50).
+    wrk is Debian's package (``apt-get install wrk``).
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import BENCH_DIR, CACHE_DIR, PYTHON, ROOT, header, record  # noqa: E402
+
+PEERS_DIR = BENCH_DIR / "serving_peers"
+SELDON_VENV = CACHE_DIR / "seldon-venv"
+MLSERVER_VENV = CACHE_DIR / "mlserver-venv"
+STORE = ROOT / ".mlflowctl" / "store" / "models" / "mnist"
+BUILD_DIR = CACHE_DIR / "serving-model"
+T10K_IMAGES = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+
+# Each entry is one attempt (a fresh venv each); the first that installs is kept.
+SELDON_SPECS = (
+    ("seldon-core==1.18.*", "tensorflow-cpu==2.14.*", "setuptools<81"),
+    ("seldon-core==1.18.*", "tensorflow-cpu==2.13.*", "setuptools<81"),
+)
+SELDON_DISTS = ("seldon-core", "tensorflow-cpu", "numpy", "protobuf", "gunicorn", "flask")
+MLSERVER_SPECS = (
+    ("mlserver", "tensorflow-cpu==2.21.*"),
+    ("mlserver==1.6.*", "tensorflow-cpu==2.21.*"),
+)
+MLSERVER_DISTS = ("mlserver", "tensorflow-cpu", "numpy", "protobuf", "uvicorn", "fastapi")
+
+TARGET_SELDON = 3.0
+TARGET_MLSERVER = 1.0
+TARGET_P99_MS = 10.0
+STOP_GRACE = 10.0
+
+
+# ------------------------------------------------------------------ venvs
+def _pip_tail(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines()
+             if ln.strip() and not ln.startswith("WARNING: Location")]  # this machine's pip config is chatty
+    errors = [ln for ln in lines if ln.startswith("ERROR")]
+    return ((errors or lines or ["?"])[-1])[:200]
+
+
+def _versions(python: Path, dists: tuple[str, ...]) -> dict[str, str]:
+    code = ("import importlib.metadata as m, json, sys\n"
+            "out = {}\n"
+            "for d in sys.argv[1:]:\n"
+            "    try: out[d] = m.version(d)\n"
+            "    except m.PackageNotFoundError: pass\n"
+            "print(json.dumps(out))")
+    try:
+        proc = subprocess.run([str(python), "-c", code, *dists], capture_output=True, text=True, timeout=60)
+        return json.loads(proc.stdout or "{}")
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return {}
+
+
+def ensure_venv(venv: Path, specs: tuple[tuple[str, ...], ...], dists: tuple[str, ...], label: str,
+                install: bool, timeout: float = 1500.0) -> tuple[Path | None, str]:
+    """A venv at ``venv`` with one of ``specs`` installed (cached by a stamp file); (python or None, note)."""
+    python = venv / "bin" / "python"
+    stamp = venv / ".bench-installed"
+    if stamp.exists() and python.exists():
+        return python, stamp.read_text().strip()
+    if not install:
+        return None, f"{label}: no cached venv at {venv} (--no-install)"
+    base = getattr(sys, "_base_executable", "") or shutil.which("python3") or sys.executable
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    note = ""
+    for spec in specs:
+        # An existing venv without stamp (an interrupted install) is reused: pip finishes it.
+        if not python.exists():
+            shutil.rmtree(venv, ignore_errors=True)
+            proc = subprocess.run([base, "-m", "venv", str(venv)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                return None, f"{label}: venv creation failed: {_pip_tail(proc.stderr or proc.stdout)}"
+        print(f"{label}: pip install {' '.join(spec)} into {venv} (once; cached afterwards) ...", flush=True)
+        left = timeout - (time.monotonic() - started)
+        try:
+            proc = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *spec],
+                                  stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
+                                  timeout=max(left, 1))
+        except subprocess.TimeoutExpired:
+            shutil.rmtree(venv, ignore_errors=True)
+            return None, f"{label}: install timed out after {timeout:g}s"
+        if proc.returncode == 0:
+            versions = _versions(python, dists)
+            text = ", ".join(f"{k} {v}" for k, v in versions.items())
+            stamp.write_text(text + "\n")
+            print(f"{label}: installed in {time.monotonic() - started:.0f}s: {text}", flush=True)
+            return python, text
+        note = f"{label}: pip install {' '.join(spec)} failed: {_pip_tail(proc.stderr or proc.stdout)}"
+        print(note, flush=True)
+        shutil.rmtree(venv, ignore_errors=True)
+    return None, note
+
+
+# ------------------------------------------------------------------ model
+def _complete(vdir: Path) -> bool:
+    return ((vdir / "saved_model.pb").is_file() and (vdir / "concept" / "saved_model.pb").is_file()
+            and (vdir / "concept" / "threshold.json").is_file())
+
+
+def find_version() -> Path | None:
+    """The newest complete version of the project's registry (classifier + concept + threshold)."""
+    if not STORE.is_dir():
+        return None
+    numbers = sorted((int(p.name) for p in STORE.iterdir() if p.is_dir() and p.name.isdigit()), reverse=True)
+    for n in numbers:
+        if _complete(STORE / str(n)):
+            return STORE / str(n)
+    return None
+
+
+def build_version(timeout: float = 900.0) -> Path:
+    """Train a tiny model + concept model once with the stage scripts into bench/.cache/serving-model/."""
+    version = BUILD_DIR / "version"
+    if _complete(version):
+        return version
+    shutil.rmtree(BUILD_DIR, ignore_errors=True)
+    BUILD_DIR.mkdir(parents=True)
+    env = dict(os.environ, MNIST_DATA_DIR=str(BUILD_DIR / "data"), EPOCHS="1", STEPS="50",
+               TF_CPP_MIN_LOG_LEVEL="2")
+    steps = (("download.py", BUILD_DIR / "unused"), ("train_model.py", BUILD_DIR / "model"),
+             ("train_concept.py", BUILD_DIR / "concept"))
+    for script, out in steps:
+        print(f"model: running image/{script} ...", flush=True)
+        proc = subprocess.run([PYTHON, str(ROOT / "image" / script)], cwd=ROOT / "image",
+                              env=dict(env, MNIST_MODELS_DIR=str(out)), stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, errors="replace", timeout=timeout)
+        if proc.returncode != 0:
+            raise SystemExit(f"bench: image/{script} failed (exit {proc.returncode}): "
+                             f"{(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+    tmp = BUILD_DIR / "version.tmp"
+    shutil.copytree(BUILD_DIR / "model" / "saved_model", tmp)
+    shutil.copytree(BUILD_DIR / "concept" / "saved_model", tmp / "concept")
+    shutil.copy2(BUILD_DIR / "concept" / "threshold.json", tmp / "concept" / "threshold.json")
+    tmp.rename(version)
+    return version
+
+
+def test_image() -> tuple[list[float], str]:
+    """784 floats in [0, 1]: the first Fashion-MNIST t10k image, or a seeded random one."""
+    try:
+        with gzip.open(T10K_IMAGES, "rb") as fh:
+            raw = fh.read(16 + 784)
+        if len(raw) == 16 + 784:
+            return [round(b / 255.0, 6) for b in raw[16:]], f"first image of {T10K_IMAGES.name}"
+    except OSError:
+        pass
+    import random
+    rng = random.Random(0)
+    return [round(rng.random(), 6) for _ in range(784)], "seeded random image (dataset not found)"
+
+
+# ---------------------------------------------------------------- processes
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def listening(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of process group ``pgid``, from /proc."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                stat = fh.read().decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
+            out.append(int(entry))
+    return out
+
+
+def group_cpu(pgid: int) -> float:
+    """User+sys seconds of the live processes of a process group (children it reaped included)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in group_members(pgid):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                stat = fh.read().decode(errors="replace")
+        except OSError:
+            continue
+        f = stat[stat.rfind(")") + 2:].split()
+        total += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])  # utime stime cutime cstime
+    return total / tick
+
+
+def stop(proc: subprocess.Popen, ports: list[int]) -> str:
+    """SIGTERM the server's process group, SIGKILL after STOP_GRACE s; report anything left listening."""
+    pgid = proc.pid  # started with start_new_session=True: its own group
+    how = "SIGTERM"
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + STOP_GRACE
+    while time.monotonic() < deadline:
+        proc.poll()
+        if proc.returncode is not None and not group_members(pgid):
+            break
+        time.sleep(0.1)
+    else:
+        how = f"SIGKILL after {STOP_GRACE:g}s"
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        for _ in range(50):
+            if not group_members(pgid):
+                break
+            time.sleep(0.1)
+    left = [p for p in ports if listening(p)]
+    alive = group_members(pgid)
+    msg = f"stopped ({how})"
+    if left or alive:
+        msg += f"; WARNING: still listening on {left}, processes left {alive}"
+    return msg
+
+
+# --------------------------------------------------------------------- HTTP
+def http(method: str, url: str, body: bytes | None = None, timeout: float = 10.0) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=body, method=method,
+                                 headers={"Content-Type": "application/json"} if body is not None else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def check_probs(values: Any) -> tuple[bool, str]:
+    try:
+        probs = [float(v) for v in values]
+    except (TypeError, ValueError):
+        return False, f"not a list of numbers: {str(values)[:120]}"
+    if len(probs) != 10:
+        return False, f"{len(probs)} values, expected 10"
+    total = sum(probs)
+    if abs(total - 1.0) > 1e-3 or min(probs) < 0:
+        return False, f"probabilities sum to {total:.5f}"
+    top = max(range(10), key=probs.__getitem__)
+    return True, f"10 probabilities, sum {total:.5f}, class {top} ({probs[top]:.3f})"
+
+
+# ---------------------------------------------------------------------- wrk
+@dataclass
+class Row:
+    server: str
+    conns: int
+    rps: float = float("nan")
+    p50: float = float("nan")
+    p75: float = float("nan")
+    p90: float = float("nan")
+    p99: float = float("nan")
+    requests: int = 0
+    errors: int = 0
+    cpu_us: float = float("nan")
+    note: str = ""
+
+
+_UNIT = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def parse_wrk(text: str, row: Row) -> Row:
+    for pct, value, unit in re.findall(r"^\s*(50|75|90|99)(?:\.0+)?%\s+([\d.]+)(us|ms|s|m)\s*$", text, re.M):
+        setattr(row, f"p{pct}", float(value) * _UNIT[unit])
+    m = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    if m:
+        row.rps = float(m.group(1))
+    m = re.search(r"(\d+) requests in", text)
+    if m:
+        row.requests = int(m.group(1))
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    if m:
+        row.errors += sum(int(g) for g in m.groups())
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    if m:
+        row.errors += int(m.group(1))
+    return row
+
+
+def run_wrk(url: str, script: Path, threads: int, conns: int, seconds: float, latency: bool = True) -> str:
+    cmd = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{seconds:g}s", "--timeout", "5s", "-s", str(script)]
+    if latency:
+        cmd.append("--latency")
+    proc = subprocess.run([*cmd, url], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          errors="replace", timeout=seconds + 30)
+    return proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------ servers
+@dataclass
+class Server:
+    key: str
+    label: str
+    cmd: list[str]
+    cwd: Path
+    env: dict[str, str]
+    ports: list[int]
+    ready_url: str
+    predict_url: str
+    body: bytes
+    probs: Callable[[Any], Any]
+    setup: Callable[[], None] | None = None
+    note: str = ""
+
+
+def run_server(srv: Server, args: argparse.Namespace, tmp: Path) -> tuple[list[Row], str]:
+    """Start, check, load and stop one server; (rows, note)."""
+    if srv.setup:
+        srv.setup()
+    body_file = tmp / f"{srv.key}.json"
+    body_file.write_bytes(srv.body)
+    script = tmp / f"{srv.key}.lua"
+    script.write_text('wrk.method = "POST"\n'
+                      'wrk.headers["Content-Type"] = "application/json"\n'
+                      f"local f = assert(io.open({json.dumps(str(body_file))}, \"rb\"))\n"
+                      "wrk.body = f:read(\"*a\")\n"
+                      "f:close()\n")
+    log_path = tmp / f"{srv.key}.log"
+    print(f"\n-- {srv.label}: starting ({' '.join(srv.cmd[:3])} ...)", flush=True)
+    t0 = time.monotonic()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(srv.cmd, cwd=srv.cwd, env=srv.env, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    rows: list[Row] = []
+    note = ""
+
+    def log_tail() -> str:
+        lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+        return " | ".join(lines[-3:])[-400:]
+
+    try:
+        deadline = t0 + args.ready_timeout
+        ready = False
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                return rows, f"exited with {proc.returncode} before ready: {log_tail()}"
+            try:
+                status, _ = http("GET", srv.ready_url, timeout=2)
+                if status == 200:
+                    ready = True
+                    break
+            except (OSError, urllib.error.URLError):
+                pass
+            time.sleep(0.25)
+        if not ready:
+            return rows, f"not ready after {args.ready_timeout:g}s: {log_tail()}"
+        print(f"   ready in {time.monotonic() - t0:.1f}s", flush=True)
+        status, data = http("POST", srv.predict_url, srv.body, timeout=30)
+        try:
+            ok, what = (status == 200, "") if status != 200 else check_probs(srv.probs(json.loads(data)))
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            ok, what = False, f"unexpected answer ({type(exc).__name__}): {data[:160]!r}"
+        if not ok:
+            return rows, f"check request failed: HTTP {status} {what or data[:160]!r}"
+        print(f"   check: {what}", flush=True)
+        if args.warmup > 0:
+            run_wrk(srv.predict_url, script, 2, 8, args.warmup, latency=False)
+        for threads, conns in ((1, 2), (2, 8)):
+            cpu0 = group_cpu(proc.pid)
+            out = run_wrk(srv.predict_url, script, threads, conns, args.duration)
+            cpu = group_cpu(proc.pid) - cpu0
+            row = parse_wrk(out, Row(srv.label, conns))
+            if row.requests:
+                row.cpu_us = cpu / row.requests * 1e6
+            if row.rps != row.rps:
+                row.note = "wrk output not understood: " + " | ".join(out.strip().splitlines()[-3:])[:200]
+            rows.append(row)
+            print(f"   c={conns}: {row.rps:.0f} req/s, p50 {row.p50:.2f} ms, p99 {row.p99:.2f} ms, "
+                  f"errors {row.errors}, server CPU {row.cpu_us:.0f} us/req", flush=True)
+    finally:
+        stopped = stop(proc, srv.ports)
+        print(f"   {stopped}", flush=True)
+        if "WARNING" in stopped:
+            note = (note + "; " if note else "") + stopped
+    return rows, note
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def make_servers(args: argparse.Namespace, tmp: Path, version_dir: Path, image: list[float],
+                 seldon_py: Path | None, mlserver_py: Path | None, notes: list[str]) -> list[Server]:
+    servers: list[Server] = []
+    wanted = set(args.only.split(",")) if args.only else None
+
+    def want(key: str) -> bool:
+        return wanted is None or key in wanted
+
+    base = tmp / "registry" / "models" / "mnist"
+    number = 1
+    routing = tmp / "routing.json"
+    routing.write_text(json.dumps({"versions": [number], "labels": {"stable": number}}))
+    model_dir = base / str(number)
+
+    for key, label, extra in (("mlflowctl", "mlflowctl (auto)", []), ("mlflowctl-tf", "mlflowctl (--engine tf)",
+                                                                          ["--engine", "tf"])):
+        if not want(key):
+            continue
+        port = free_port()
+        servers.append(Server(
+            key, label,
+            [PYTHON, str(ROOT / "image" / "serve.py"), "--model-name", "mnist", "--base-path", str(base),
+             "--routing", str(routing), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *extra],
+            ROOT, clean_env(), [port], f"http://127.0.0.1:{port}/v2/models/mnist/ready",
+            f"http://127.0.0.1:{port}/v1/models/mnist:predict", json.dumps({"instances": [image]}).encode(),
+            lambda r: r["predictions"][0]))
+
+    peer_env = {"PEER_TF_THREADS": str(args.peer_tf_threads)}
+    for key, workers in (("seldon", 1), ("seldon-2w", 2)):
+        if not want(key):
+            continue
+        if seldon_py is None:
+            continue
+        http_port, metrics_port, grpc_port = free_port(), free_port(), free_port()
+        params = json.dumps([{"name": "model_dir", "value": str(model_dir), "type": "STRING"}])
+        servers.append(Server(
+            key, "seldon" + (f" ({workers} workers)" if workers > 1 else ""),
+            [str(seldon_py.parent / "seldon-core-microservice"), "SeldonMnist", "--service-type", "MODEL",
+             "--http-port", str(http_port), "--metrics-port", str(metrics_port), "--grpc-port", str(grpc_port),
+             "--grpc-workers", "0", "--workers", str(workers), "--log-level", "WARNING", "--parameters", params],
+            PEERS_DIR,
+            clean_env(PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION="python",
+                      PATH=f"{seldon_py.parent}{os.pathsep}{os.environ.get('PATH', '')}", **peer_env),
+            [http_port, metrics_port, grpc_port], f"http://127.0.0.1:{http_port}/health/ping",
+            f"http://127.0.0.1:{http_port}/api/v1.0/predictions",
+            json.dumps({"data": {"ndarray": [image]}}).encode(), lambda r: r["data"]["ndarray"][0]))
+
+    if want("mlserver") and mlserver_py is not None:
+        http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+        folder = tmp / "mlserver"
+
+        def setup(folder=folder, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port) -> None:
+            (folder / "mnist").mkdir(parents=True, exist_ok=True)
+            (folder / "settings.json").write_text(json.dumps({
+                "debug": False, "parallel_workers": 0, "host": "127.0.0.1", "http_port": http_port,
+                "grpc_port": grpc_port, "metrics_port": metrics_port}, indent=2))
+            (folder / "mnist" / "model-settings.json").write_text(json.dumps({
+                "name": "mnist", "implementation": "mlserver_runtime.MnistRuntime",
+                "parameters": {"uri": str(model_dir)}}, indent=2))
+
+        servers.append(Server(
+            "mlserver", "mlserver",
+            [str(mlserver_py.parent / "mlserver"), "start", str(folder)], folder.parent,
+            clean_env(PYTHONPATH=str(PEERS_DIR), PATH=f"{mlserver_py.parent}{os.pathsep}{os.environ.get('PATH', '')}",
+                      **peer_env),
+            [http_port, grpc_port, metrics_port], f"http://127.0.0.1:{http_port}/v2/models/mnist/ready",
+            f"http://127.0.0.1:{http_port}/v2/models/mnist/infer",
+            json.dumps({"inputs": [{"name": "images", "shape": [1, 784], "datatype": "FP32", "data": image}]}).encode(),
+            lambda r: r["outputs"][0]["data"], setup=setup))
+    return servers
+
+
+# -------------------------------------------------------------------- report
+def fmt(v: float, digits: int = 2) -> str:
+    return "-" if v != v else f"{v:.{digits}f}"
+
+
+def print_table(rows: list[Row], skipped: list[tuple[str, str]]) -> None:
+    head = f"{'server':<26} {'conns':>5} {'req/s':>8} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} " \
+           f"{'srv CPU us/req':>14} {'errors':>6}"
+    print("\nBatch-1 predict over HTTP on 127.0.0.1, drift scoring on (wrk --latency)")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r.server:<26} {r.conns:>5} {fmt(r.rps, 0):>8} {fmt(r.p50):>7} {fmt(r.p90):>7} {fmt(r.p99):>7} "
+              f"{fmt(r.cpu_us, 0):>14} {r.errors:>6}  {r.note}".rstrip())
+    for label, why in skipped:
+        print(f"{label:<26} {'-':>5} {'-':>8} {'-':>7} {'-':>7} {'-':>7} {'-':>14} {'-':>6}  skipped: {why}")
+
+
+def at8(rows: list[Row], server: str) -> Row | None:
+    return next((r for r in rows if r.server == server and r.conns == 8 and r.rps == r.rps), None)
+
+
+def print_targets(rows: list[Row]) -> None:
+    print("\nTargets at 8 connections (from the issue; printed, never asserted)")
+    head = f"{'figure':<52} {'value':>9}  {'target':<10} verdict"
+    print(head)
+    print("-" * len(head))
+    seldon, seldon2, mls = at8(rows, "seldon"), at8(rows, "seldon (2 workers)"), at8(rows, "mlserver")
+    for label in ("mlflowctl (auto)", "mlflowctl (--engine tf)"):
+        me = at8(rows, label)
+        if me is None:
+            continue
+        lines = []
+        if seldon:
+            lines.append((f"{label} / seldon req/s", me.rps / seldon.rps, "x", f">= {TARGET_SELDON:g}x",
+                          me.rps / seldon.rps >= TARGET_SELDON))
+        if seldon2:
+            lines.append((f"{label} / seldon (2 workers) req/s", me.rps / seldon2.rps, "x", "(info)", None))
+        if mls:
+            lines.append((f"{label} / mlserver req/s", me.rps / mls.rps, "x", f">= {TARGET_MLSERVER:g}x",
+                          me.rps / mls.rps >= TARGET_MLSERVER))
+        lines.append((f"{label} p99", me.p99, "ms", f"<= {TARGET_P99_MS:g} ms", me.p99 <= TARGET_P99_MS))
+        for fig, value, unit, target, ok in lines:
+            verdict = "-" if ok is None else ("ok" if ok else "MISSED")
+            print(f"{fig:<52} {value:>7.2f}{unit:>2}  {target:<10} {verdict}")
+    me = at8(rows, "mlflowctl (auto)")
+    if me is not None:
+        print()
+        if seldon:
+            record("serving: mlflowctl/seldon req/s @8 conns", me.rps / seldon.rps, "x",
+                   target=f">= {TARGET_SELDON:g}x", peer=f"seldon {seldon.rps:.0f} req/s")
+        if mls:
+            record("serving: mlflowctl/mlserver req/s @8 conns", me.rps / mls.rps, "x",
+                   target=f">= {TARGET_MLSERVER:g}x", peer=f"mlserver {mls.rps:.0f} req/s")
+        record("serving: mlflowctl p99 @8 conns", me.p99 / 1e3, "s", limit=TARGET_P99_MS / 1e3,
+               target=f"<= {TARGET_P99_MS / 1e3:g} s", peer=f"{me.rps:.0f} req/s")
+
+
+# ---------------------------------------------------------------------- main
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--duration", type=float, default=8.0, help="seconds of each wrk run (default 8)")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds of wrk warm-up per server (default 2)")
+    p.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for a server (default 120)")
+    p.add_argument("--budget", type=float, default=900.0,
+                   help="seconds for all server runs; servers not started by then are skipped (default 900)")
+    p.add_argument("--only", default="", help="comma list of: mlflowctl,mlflowctl-tf,seldon,seldon-2w,mlserver")
+    p.add_argument("--model", default="", help="a version folder (classifier SavedModel + concept/); default: "
+                                                "the newest complete one in .mlflowctl/store, else a tiny one trained once")
+    p.add_argument("--no-install", action="store_true", help="skip a peer whose venv is not cached yet")
+    p.add_argument("--peer-tf-threads", type=int, default=1,
+                   help="TF intra-op threads in the peers (default 1, as mlflowctl's server; 0: TF's defaults, "
+                        "which measured slower for the peers under load here)")
+    args = p.parse_args()
+
+    header("bench_serving: batch-1 predict over HTTP, mlflowctl vs Seldon Core vs MLServer")
+    if not shutil.which("wrk"):
+        print("bench: wrk is not installed (apt-get install wrk); nothing measured")
+        return 0
+    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.splitlines()[:1]
+    print(f"   wrk: {wrk_version[0] if wrk_version else '?'}")
+    print(f"   mlflowctl venv: {', '.join(f'{k} {v}' for k, v in _versions(Path(PYTHON), ('tensorflow-cpu', 'tensorflow', 'numpy', 'uvicorn', 'orjson', 'uvloop', 'httptools')).items())}")
+
+    wanted = set(args.only.split(",")) if args.only else None
+    notes: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    seldon_py = mlserver_py = None
+    if wanted is None or wanted & {"seldon", "seldon-2w"}:
+        seldon_py, note = ensure_venv(SELDON_VENV, SELDON_SPECS, SELDON_DISTS, "seldon", not args.no_install)
+        print(f"   seldon venv: {note}")
+        if seldon_py is None:
+            skipped.append(("seldon", note))
+    if wanted is None or "mlserver" in wanted:
+        mlserver_py, note = ensure_venv(MLSERVER_VENV, MLSERVER_SPECS, MLSERVER_DISTS, "mlserver", not args.no_install)
+        print(f"   mlserver venv: {note}")
+        if mlserver_py is None:
+            skipped.append(("mlserver", note))
+
+    if args.model:
+        version_dir = Path(args.model).resolve()
+        if not _complete(version_dir):
+            raise SystemExit(f"bench: {version_dir} is not a complete version (saved_model.pb, concept/, threshold.json)")
+    else:
+        version_dir = find_version() or build_version()
+    image, image_note = test_image()
+    print(f"   model: {version_dir} (copied into a temporary registry as version 1)")
+    print(f"   request: {image_note}; wrk -t1 -c2 and -t2 -c8, {args.duration:g}s each after {args.warmup:g}s warm-up")
+
+    tmp = Path(tempfile.mkdtemp(prefix="mlflowctl-bench-serving-"))
+    rows: list[Row] = []
+    started = time.monotonic()
+    try:
+        shutil.copytree(version_dir, tmp / "registry" / "models" / "mnist" / "1",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        servers = make_servers(args, tmp, version_dir, image, seldon_py, mlserver_py, notes)
+        for srv in servers:
+            if time.monotonic() - started > args.budget:
+                skipped.append((srv.label, f"time budget {args.budget:g}s used up"))
+                continue
+            try:
+                got, note = run_server(srv, args, tmp)
+            except (OSError, subprocess.SubprocessError) as exc:
+                got, note = [], f"{type(exc).__name__}: {exc}"
+            rows.extend(got)
+            if not got:
+                print(f"   skipped: {note}", flush=True)
+                skipped.append((srv.label, note))
+            elif note:
+                for r in got:
+                    r.note = (r.note + "; " if r.note else "") + note
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print_table(rows, skipped)
+    print_targets(rows)
+    print(f"\nservers measured in {time.monotonic() - started:.0f}s; load average now "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
+    print("wrk runs on the same 2 cores as the server: figures are per-machine, not per-server-core.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

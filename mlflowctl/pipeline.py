@@ -9,7 +9,6 @@ there, so any backend and any machine sharing the store share the cache.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import shutil
 import signal
@@ -109,6 +108,8 @@ class Pipeline:
     def __init__(self, project: Any, stages: list[Stage]) -> None:
         self.project = project
         self.stages = {s.name: s for s in stages}
+        # result digests by stage, valid until a stage of this pipeline publishes (run() clears it)
+        self._digests: dict[str, str | None] = {}
         for s in stages:
             for _, up in s.inputs:
                 if up not in self.stages:
@@ -124,9 +125,8 @@ class Pipeline:
             except FileNotFoundError:
                 raise MlflowctlError(f"stage {stage.name}: code file {path} not found") from None
         if stage.action is not None:
-            src = inspect.getsourcefile(stage.action)
-            if src:
-                digests[f"action:{stage.action.__module__}.{stage.action.__qualname__}"] = file_digest(Path(src))
+            src = Path(stage.action.__code__.co_filename)
+            digests[f"action:{stage.action.__module__}.{stage.action.__qualname__}"] = file_digest(src)
         return digests
 
     def params(self, stage: Stage) -> dict[str, Any]:
@@ -140,11 +140,16 @@ class Pipeline:
 
     def result_digest(self, stage_name: str) -> str | None:
         """Digest of the stage's current complete result, or None if it has none yet."""
+        if stage_name in self._digests:
+            return self._digests[stage_name]
         info = self.resolve(self.stages[stage_name])
-        if info.key is None:
-            return None
-        manifest = self.project.store.read_json(f"{info.path}/{MANIFEST}")
-        return manifest.get("digest") if manifest else None
+        digest = None
+        if info.key is not None:
+            manifest = self.project.store.read_json(f"{info.path}/{MANIFEST}")
+            digest = manifest.get("digest") if manifest else None
+        if digest is not None:  # a missing result may appear any moment; a present one stays
+            self._digests[stage_name] = digest
+        return digest
 
     def resolve(self, stage: Stage) -> KeyInfo:
         inputs, missing = {}, []
@@ -241,6 +246,7 @@ class Pipeline:
                         "duration": round(result.duration, 3), "finished_at": time.time(),
                         "run": {k: v for k, v in result.detail.items() if isinstance(v, (str, int, float, bool))}}
             store.publish(out, info.path, manifest=manifest)
+            self._digests.clear()
         record = self.last_run_path(stage.name)
         record.parent.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps({"key": info.key, "components": info.components}, indent=2, sort_keys=True))

@@ -43,17 +43,9 @@ def deployment_holds(project: Any, result_dir: Path) -> bool:
     """Is the version this ``deploy`` result stands for still served? (re-deploy if not)."""
     try:
         endpoint = json.loads((result_dir / ENDPOINT_FILE).read_text())
-        status = project.serving.status()
-    except (OSError, ValueError, MlflowctlError):
+        return project.serving.serves(int(endpoint["version"]))
+    except (OSError, ValueError, KeyError, MlflowctlError):
         return False
-    return bool(status.get("running")) and int(endpoint["version"]) in _served(status)
-
-
-def _served(status: dict[str, Any]) -> set[int]:
-    versions = status.get("versions") or {}
-    if isinstance(versions, dict):
-        return {int(v) for v, state in versions.items() if str(state).upper() in ("AVAILABLE", "SERVING", "READY")}
-    return {int(v.get("version")) for v in versions if str(v.get("state", "")).upper() == "AVAILABLE"}
 
 
 def promote_version(project: Any, ctx: Any) -> None:

@@ -57,6 +57,20 @@ class ServingTarget(Configurable):
         """Served versions, their states and labels, and the base URL (empty when not running)."""
         raise NotImplementedError
 
+    def serves(self, version: int) -> bool:
+        """Does the target answer with ``version`` right now? Asked on every ``doit`` (keep it cheap).
+
+        The default reads :meth:`status`; a target overrides it with one light request.
+        """
+        status = self.status()
+        if not status.get("running"):
+            return False
+        versions = status.get("versions") or []
+        if isinstance(versions, dict):
+            versions = [{"version": v, "state": s} for v, s in versions.items()]
+        return any(int(v.get("version", -1)) == int(version) and str(v.get("state", "")).upper() == "AVAILABLE"
+                   for v in versions)
+
     def endpoint(self, version: int | None = None, label: str | None = None) -> Endpoint:  # pragma: no cover
         """The endpoint of a version or label (the stable one by default)."""
         raise NotImplementedError

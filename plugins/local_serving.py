@@ -803,6 +803,21 @@ class LocalServing(ServingTarget):
             if self._server() is not None:
                 self._reload()
 
+    def serves(self, version: int) -> bool:
+        """One stdlib HTTP request (asked on every ``doit``): is ``version`` AVAILABLE, in the configured runtime?"""
+        import urllib.request
+
+        info = _read_json(self.info_file, {})
+        if not info or (info.get("runtime") or "process") != self.runtime_name:
+            return False
+        url = f"{info.get('url') or self.url}/v1/models/{self.model_name}/versions/{int(version)}"
+        try:
+            with urllib.request.urlopen(url, timeout=2.0) as response:
+                states = json.loads(response.read()).get("model_version_status", [])
+        except (OSError, ValueError, AttributeError):
+            return False
+        return any(str(s.get("state")) == "AVAILABLE" for s in states if isinstance(s, dict))
+
     def status(self) -> dict[str, Any]:
         import requests
 

@@ -640,7 +640,7 @@ def test_plugin_registers(plugin_module):
     plugin_module.mlflowctl_add_serving_targets(registry=reg)
     assert reg.serving_target("local") is plugin_module.LocalServing
     assert set(plugin_module.LocalServing.settings) == {"host", "port", "max_body_bytes", "canary_weight",
-                                                       "start_timeout", "python"}
+                                                       "start_timeout", "python", "runtime"}
 
 
 def test_plugin_import_is_light():
@@ -706,6 +706,7 @@ def test_plugin_lifecycle(plugin_module, registry, tmp_path):
         assert [v["version"] for v in st["versions"]] == [2] and st["labels"] == {"stable": 2}
         r = requests.get(f"{ep.url}/v1/models/{NAME}/versions/1", timeout=10)
         assert r.json()["model_version_status"][0]["state"] == "END"
+        assert target.serves(2) and not target.serves(1) and not target.serves(7)
 
         # a version the server cannot load: error, routing rolled back, the rest keeps serving
         with pytest.raises(MlflowctlError, match="version 3"):
@@ -730,7 +731,7 @@ def test_plugin_lifecycle(plugin_module, registry, tmp_path):
         if other is not None:
             other.stop()  # only does something if the test failed half-way
     assert not (project.state_dir / "serve" / "server.pid").exists()
-    assert target.status()["running"] is False
+    assert target.status()["running"] is False and not target.serves(2)
     with pytest.raises(requests.ConnectionError):
         requests.get(f"http://127.0.0.1:{port}/v2/health/live", timeout=2)
 

@@ -263,13 +263,40 @@ def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, str], schema: d
                 node = child
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
-    import yaml
+def read_yaml(path: Path, cache: Path | None = None) -> dict[str, Any]:
+    """Parse ``mlflowctl.yaml``; with ``cache``, reuse the last parse while the file is unchanged.
+
+    The cache (a JSON copy keyed by the sha256 of the file's bytes) spares
+    every no-op ``doit`` the import of PyYAML.
+    """
+    import hashlib
 
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: not found", hint="create it, or run from the project folder") from None
+    stamp = hashlib.sha256(data).hexdigest()
+    if cache is not None:
+        try:
+            cached = json.loads(cache.read_text())
+            if cached.get("stamp") == stamp:
+                return cached["raw"]
+        except (OSError, ValueError, AttributeError, KeyError):
+            pass
+    raw = _parse_yaml(path, data.decode("utf-8", errors="replace"))
+    if cache is not None and cache.parent.is_dir():
+        try:
+            tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+            tmp.write_text(json.dumps({"stamp": stamp, "raw": raw}))
+            os.replace(tmp, cache)
+        except (OSError, TypeError, ValueError):  # not JSON-able (dates...): just don't cache
+            pass
+    return raw
+
+
+def _parse_yaml(path: Path, text: str) -> dict[str, Any]:
+    import yaml
+
     try:
         loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
         raw = yaml.load(text, Loader=loader)
@@ -284,10 +311,11 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return raw
 
 
-def load_config(path: Path, overrides: Mapping[str, str] | None = None, registry: Any = None) -> Config:
-    """Read, override and validate ``mlflowctl.yaml``."""
+def load_config(path: Path, overrides: Mapping[str, str] | None = None, registry: Any = None,
+                cache: Path | None = None) -> Config:
+    """Read, override and validate ``mlflowctl.yaml`` (``cache``: see :func:`read_yaml`)."""
     schema = full_schema(registry)
-    raw = read_yaml(path)
+    raw = read_yaml(path, cache)
     overrides = dict(overrides or {})
     apply_overrides(raw, overrides, schema)
     data = _validate_section(raw, schema, "", path.name)

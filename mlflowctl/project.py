@@ -19,8 +19,11 @@ class Project:
                  extra_plugins: tuple[Any, ...] = (), pm: PluginManager | None = None) -> None:
         self.root = Path(root).resolve()
         self.pm = pm or build_plugin_manager(extra_plugins)
-        self.config: Config = load_config(self.root / CONFIG_FILE, overrides, self.pm.registry)
+        if not (self.root / CONFIG_FILE).is_file():  # before creating anything in a folder that is no project
+            raise ConfigError(f"{self.root / CONFIG_FILE}: not found", hint="run from the project folder, or pass -C")
         self.state_dir = ensure_state_dir(self.root)
+        self.config: Config = load_config(self.root / CONFIG_FILE, overrides, self.pm.registry,
+                                          cache=self.state_dir / "config.cache.json")
         self.stage_code_dir = self.root / "image"
 
     @property

@@ -6,7 +6,6 @@ import errno
 import os
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 from typing import IO, Any, Iterator
 
@@ -61,6 +60,8 @@ class LocalStore(Store):
         return self.root.joinpath(*parts)
 
     def preflight(self) -> None:
+        import uuid
+
         try:
             (self.root / STAGING).mkdir(parents=True, exist_ok=True)
             probe = self.root / STAGING / f".probe-{uuid.uuid4().hex}"
@@ -101,6 +102,8 @@ class LocalStore(Store):
     def delete(self, path: str) -> None:
         target = self._path(path)
         if target.is_dir():
+            import uuid
+
             # rename first so readers never see a half-deleted result
             trash = self.root / STAGING / f"deleted-{uuid.uuid4().hex}"
             trash.parent.mkdir(parents=True, exist_ok=True)

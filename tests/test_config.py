@@ -118,3 +118,17 @@ def test_secrets_resolve_from_env_and_file_and_stay_out_of_public_views(tmp_path
     monkeypatch.delenv("MY_TOKEN")
     with pytest.raises(ConfigError, match="environment variable MY_TOKEN is not set"):
         load_config(write(tmp_path, 'backends:\n  fake:\n    token: {"$env": MY_TOKEN}\n'), registry=Reg)
+
+
+def test_parsed_config_is_cached_until_the_file_changes(tmp_path):
+    from mlflowctl.project import Project
+
+    path = write(tmp_path, "train_model:\n  epochs: 3\n")
+    assert Project(tmp_path, {}).config["train_model"]["epochs"] == 3
+    cache = tmp_path / ".mlflowctl" / "config.cache.json"
+    assert cache.is_file()
+    path.write_text("train_model:\n  epochs: 4\n")  # same size, same inode, maybe the same mtime tick
+    assert Project(tmp_path, {}).config["train_model"]["epochs"] == 4
+    path.write_text("train_model:\n  epochs: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        Project(tmp_path, {})

@@ -169,7 +169,16 @@ def cmd_serve(root: Path, overrides: dict[str, str], args: Any) -> int:
         target.stop()
     else:
         status = target.status()
-        print(json.dumps(status, indent=2, sort_keys=True, default=str))
+        if not status.get("running"):
+            print(f"{target.name} server: not running (start it with: mlflowctl serve start)")
+            return EXIT_OK
+        print(status.get("predict_url") or target.endpoint().predict_url)
+        labels = {v: k for k, v in (status.get("labels") or {}).items()}
+        for v in status.get("versions") or []:
+            label = f"  [{labels[v['version']]}]" if v.get("version") in labels else ""
+            print(f"  version {v.get('version')}: {v.get('state')}{label}")
+        extra = {k: status[k] for k in ("runtime", "pid", "container", "metrics_url", "log") if status.get(k)}
+        print("  " + json.dumps(extra, default=str))
     return EXIT_OK
 
 

@@ -273,7 +273,7 @@ class Pipeline:
                            env=self.stage_env(stage), inputs=inputs,
                            outputs={stage.output: folder / "outputs" / stage.name},
                            log_path=folder / "logs" / f"{stage.name}.log", key=self.resolve(stage).key or "")
-            written += self.project.backend.render(run, folder)
+            written += [p for p in self.project.backend.render(run, folder) if p not in written]
         return written
 
     def stage_env(self, stage: Stage) -> dict[str, str]:

@@ -98,6 +98,11 @@ def test_pipeline_from_empty_state_to_monitored_endpoint(project):
     models = mlflowctl(root, "models").stdout
     assert "1  stable" in models, models
     assert stable_answers(port, "fmnist") == [1]
+    status = mlflowctl(root, "serve", "status").stdout.splitlines()
+    assert status[0] == f"http://127.0.0.1:{port}/v1/models/fmnist:predict"
+    assert "  version 1: AVAILABLE  [stable]" in status
+    report = mlflowctl(root, "report").stdout
+    assert f"endpoint:  http://127.0.0.1:{port}/v1/models/fmnist:predict" in report and "accuracy:  0." in report
     store = root / ".mlflowctl" / "store"
     version = store / "models" / "fmnist" / "1"
     assert (version / "saved_model.pb").is_file() and (version / "concept" / "threshold.json").is_file()
@@ -149,3 +154,14 @@ def test_rollback_restores_the_previous_stable_version(project):
     assert stable_answers(port, "fmnist") == [1]
     models = mlflowctl(root, "models").stdout
     assert "1  stable" in models and "2  rolled-back" in models
+
+
+def test_serve_stop_then_doit_redeploys_without_retesting(project):
+    root, port = project
+    mlflowctl(root, "serve", "stop")
+    assert mlflowctl(root, "serve", "status").stdout.startswith("local server: not running")
+    status = mlflowctl(root, "status").stdout
+    assert "deploy            will run: its result no longer holds" in status, status
+    proc = doit(root)
+    # the deploy result is the same, so the tested and promoted results are reused
+    assert ran(proc) == ["deploy"], proc.stdout

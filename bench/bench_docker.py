@@ -41,26 +41,6 @@ def _timed_run(backend, run) -> tuple[float, float, int]:
     return time.perf_counter() - t0, cpu() - c0, result.exit_code
 
 
-def alternate(label: str, n: int, pairs: tuple, budget: float) -> tuple[bench.Timing, bench.Timing]:
-    """Alternate local / docker runs (local first), n each, within ``budget`` seconds."""
-    (la, fa), (lb, fb) = pairs
-    a, b = bench.Timing(f"{label}: {la}"), bench.Timing(f"{label}: {lb}")
-    deadline = time.monotonic() + budget
-    for i in range(n):
-        if time.monotonic() > deadline:
-            a.note = b.note = f"budget {budget:g}s hit after {i} pairs"
-            break
-        for timing, fn in ((a, fa), (b, fb)):
-            wall, cpu, code = fn(i)
-            if code != 0:
-                timing.failures += 1
-                timing.note = f"exit {code}"
-                return a, b
-            timing.wall.append(wall)
-            timing.cpu.append(cpu)
-    return a, b
-
-
 def container_phases(client, image_id: str, runs: int) -> dict[str, float]:
     """Median seconds of create / start / wait / remove of a ``python -c pass`` container."""
     phases: dict[str, list[float]] = {"create": [], "start": [], "wait": [], "remove": []}
@@ -142,7 +122,7 @@ def main() -> int:
             return fn
 
         print(f"no-op stage: {args.noop_runs} pairs ...", flush=True)
-        nl, nd = alternate("no-op stage", args.noop_runs, (("LocalBackend.run", noop(local, "local")),
+        nl, nd = bench.alternate("no-op stage", args.noop_runs, (("LocalBackend.run", noop(local, "local")),
                                                            ("DockerBackend.run", noop(docker, "docker"))), 180.0)
         phases = container_phases(docker.client(), image.id, args.noop_runs)
 
@@ -194,7 +174,7 @@ def main() -> int:
                 return fn
 
             print(f"train_model: {args.train_runs} pairs, one full epoch each ...", flush=True)
-            tl, td = alternate("train_model 1 epoch", args.train_runs,
+            tl, td = bench.alternate("train_model 1 epoch", args.train_runs,
                                (("LocalBackend.run", train(local, "local")),
                                 ("DockerBackend.run", train(docker, "docker"))), args.budget)
 

@@ -39,25 +39,6 @@ def _through_backend(backend, run) -> tuple[float, float, int]:
     return time.perf_counter() - t0, cpu() - c0, result.exit_code
 
 
-def alternate(label: str, n: int, direct, through, budget: float) -> tuple[bench.Timing, bench.Timing]:
-    """Alternate direct / backend runs (direct first), n each, within ``budget`` seconds."""
-    d, b = bench.Timing(f"{label}: direct subprocess"), bench.Timing(f"{label}: LocalBackend.run")
-    deadline = time.monotonic() + budget
-    for i in range(n):
-        if time.monotonic() > deadline:
-            d.note = b.note = f"budget {budget:g}s hit after {i} pairs"
-            break
-        for timing, fn in ((d, direct), (b, through)):
-            wall, cpu, code = fn(i)
-            if code != 0:
-                timing.failures += 1
-                timing.note = f"exit {code}"
-                return d, b
-            timing.wall.append(wall)
-            timing.cpu.append(cpu)
-    return d, b
-
-
 def overhead(d: bench.Timing, b: bench.Timing) -> float | None:
     if not d.wall or not b.wall:
         return None
@@ -72,7 +53,6 @@ def main() -> int:
     args = ap.parse_args()
 
     from mlflowctl.backends import StageRun
-    from mlflowctl_plugins import local_backend
     from mlflowctl_plugins.local_backend import LocalBackend
 
     bench.header(f"local backend overhead: train_model {args.runs}+{args.runs} runs, "
@@ -119,7 +99,7 @@ def main() -> int:
 
         print(f"train_model: {args.runs} pairs, one full epoch each ...", flush=True)
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the backend passes os.environ on
-        td, tb = alternate("train_model 1 epoch", args.runs, direct_train, backend_train, args.budget)
+        td, tb = bench.alternate("train_model 1 epoch", args.runs, (("direct subprocess", direct_train), ("LocalBackend.run", backend_train)), args.budget)
 
         # ---------------------------------------------------------- no-op stage
         def direct_noop(i: int):
@@ -128,14 +108,13 @@ def main() -> int:
         def backend_noop(i: int):
             return _through_backend(backend, stage_run("noop", ["python", "-c", "pass"], {}, {}, 100 + i))
 
-        nd, nb = alternate("no-op stage", args.noop_runs, direct_noop, backend_noop, 120.0)
+        nd, nb = bench.alternate("no-op stage", args.noop_runs, (("direct subprocess", direct_noop), ("LocalBackend.run", backend_noop)), 120.0)
         bench.print_table("local backend vs direct subprocess", [td, tb, nd, nb])
 
         train_pct, noop_pct = overhead(td, tb), overhead(nd, nb)
         if nd.wall and nb.wall:
             print(f"no-op stage: backend adds {1000 * (nb.median - nd.median):.0f} ms per stage "
-                  f"(wall medians; the backend polls the process every "
-                  f"{getattr(local_backend, 'POLL_SECONDS', '?')} s)")
+                  "(wall medians: log file, reader thread, process group)")
         if td.wall:
             print("train_model runs in order (direct / backend): " + "  ".join(
                 f"{d:.2f}/{b:.2f}" for d, b in zip(td.wall, tb.wall)))

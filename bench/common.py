@@ -361,3 +361,26 @@ if __name__ == "__main__":
         print(f"dvc: {path or 'not available'} ({note})")
         raise SystemExit(0)
     raise SystemExit("usage: common.py --ensure-dvc")
+
+
+def alternate(label: str, n: int, pairs: tuple, budget: float) -> tuple[Timing, Timing]:
+    """Alternate two ways of running the same thing, n each, within ``budget`` seconds.
+
+    ``pairs`` is ((label_a, fn_a), (label_b, fn_b)); each fn(i) returns (wall, cpu, exit code).
+    """
+    (la, fa), (lb, fb) = pairs
+    a, b = Timing(f"{label}: {la}"), Timing(f"{label}: {lb}")
+    deadline = time.monotonic() + budget
+    for i in range(n):
+        if time.monotonic() > deadline:
+            a.note = b.note = f"budget {budget:g}s hit after {i} pairs"
+            break
+        for timing, fn in ((a, fa), (b, fb)):
+            wall, cpu, code = fn(i)
+            if code != 0:
+                timing.failures += 1
+                timing.note = f"exit {code}"
+                return a, b
+            timing.wall.append(wall)
+            timing.cpu.append(cpu)
+    return a, b

@@ -152,18 +152,22 @@ def as_features(x):
 
 
 # ---------------------------------------------------------------------- outputs
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Write ``obj`` as JSON via a temp file in the same dir + ``os.replace``."""
+def write_text_atomic(path: str, text: str) -> None:
+    """Write ``text`` via a temp file in the same dir + ``os.replace``: never half a file."""
     directory, base = os.path.split(os.path.abspath(path))
     tmp = os.path.join(directory, f".{base}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=True)
-            fh.write("\n")
+            fh.write(text)
         os.replace(tmp, path)
     except BaseException:
         _unlink(tmp)
         raise
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Write ``obj`` as JSON, atomically (see :func:`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _unlink(path: str) -> None:

@@ -37,6 +37,7 @@ from common import (
     main,
     make_dir,
     write_json_atomic,
+    write_text_atomic,
 )
 from endpoint_client import EXIT_ENDPOINT, HttpClient, drift_url, load_endpoint, snippet
 
@@ -231,10 +232,7 @@ def write_markdown(path: str, report: dict) -> None:
     elif report["ood_source"] == "live":
         lines += ["Out-of-distribution rates from the server's overall counters (it does not separate test "
                   "traffic): concurrent live traffic would skew them.", ""]
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        fh.write("\n".join(lines))
-    os.replace(tmp, path)
+    write_text_atomic(path, "\n".join(lines))
 
 
 def run() -> None:

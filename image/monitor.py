@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Any
 
-from common import StageError, env_dir, env_float, log, main, make_dir, write_json_atomic
+from common import StageError, env_dir, env_float, log, main, make_dir, write_json_atomic, write_text_atomic
 from endpoint_client import EXIT_ENDPOINT, HttpClient, drift_url, load_endpoint, snippet
 
 STAGE = "monitor"
@@ -227,10 +227,7 @@ def write_markdown(path: str, s: dict[str, Any]) -> None:
     if s["note"]:
         lines += [f"Note: {s['note']}.", ""]
     lines += [f"Source: `{s['source']}` at {s['when']}.", "", "![drift](drift.png)", ""]
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        fh.write("\n".join(lines))
-    os.replace(tmp, path)
+    write_text_atomic(path, "\n".join(lines))
 
 
 def run() -> None:

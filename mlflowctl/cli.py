@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("action", choices=("start", "stop", "status"))
     add("rollback", "make the previous stable version stable again")
     add("report", "the stable endpoint, its tested accuracy and the live drift rate")
+    add("monitor", "run the monitor stage now on the live traffic (report under .mlflowctl/monitor/<time>/)")
     render = add("render", "write what the backend would run for each stage (scripts, Dockerfile) without running it")
     render.add_argument("--out", default=".mlflowctl/render", help="folder to write into")
     prune = add("prune", "remove old stage images and leftover containers of the docker backend")
@@ -188,6 +189,23 @@ def cmd_rollback(root: Path, overrides: dict[str, str], args: Any) -> int:
     project = _project(root, overrides)
     number = rollback(project)
     print(f"model {project.model_name}: version {number} is stable again")
+    return EXIT_OK
+
+
+def cmd_monitor(root: Path, overrides: dict[str, str], args: Any) -> int:
+    import time
+
+    from mlflowctl.errors import EXIT_GATE
+
+    pipeline = load_pipeline(root, overrides)
+    pipeline.project.backend.preflight()
+    out = pipeline.project.state_dir / "monitor" / time.strftime("%Y%m%d-%H%M%S")
+    result = pipeline.run_uncached("monitor", out)
+    if result.exit_code == EXIT_GATE:
+        return EXIT_GATE
+    if not result.ok:
+        raise MlflowctlError(f"monitor failed with exit code {result.exit_code}", hint=f"log: {result.log_path}")
+    print(f"report: {out / 'report.md'}")
     return EXIT_OK
 
 

@@ -276,6 +276,23 @@ class Pipeline:
             written += [p for p in self.project.backend.render(run, folder) if p not in written]
         return written
 
+    def run_uncached(self, stage_name: str, out: Path) -> StageResult:
+        """Run a command stage now, whatever the cache says, writing into ``out`` (not the store).
+
+        For stages that look at the outside world, such as ``monitor`` reading
+        a server's live traffic: ``mlflowctl monitor`` runs it on demand.
+        """
+        stage = self.stages[stage_name]
+        if not stage.command:
+            raise MlflowctlError(f"stage {stage_name} runs in the orchestrator; run it with: doit {stage_name}")
+        inputs = {env: self.current_result(up) for env, up in stage.inputs}
+        out.mkdir(parents=True, exist_ok=True)
+        run = StageRun(stage=stage.name, command=list(stage.command), workdir=self.project.stage_code_dir,
+                       env=self.stage_env(stage), inputs=inputs, outputs={stage.output: out},
+                       log_path=out / "_logs" / f"{stage.name}.log", key="uncached")
+        with _live(run):
+            return self.project.backend.run(run)
+
     def stage_env(self, stage: Stage) -> dict[str, str]:
         env = {"STAGE_NAME": stage.name, "MLFLOWCTL_PROJECT": self.project.name,
                "MODEL_NAME": self.project.model_name, "PYTHONUNBUFFERED": "1"}

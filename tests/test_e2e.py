@@ -165,3 +165,20 @@ def test_serve_stop_then_doit_redeploys_without_retesting(project):
     proc = doit(root)
     # the deploy result is the same, so the tested and promoted results are reused
     assert ran(proc) == ["deploy"], proc.stdout
+
+
+def test_monitor_on_demand_reads_live_traffic_and_gates_on_drift(project):
+    root, port = project
+    import random
+
+    rng = random.Random(0)
+    noise = [[rng.random() for _ in range(784)] for _ in range(20)]  # nothing like a Fashion-MNIST image
+    r = requests.post(f"http://127.0.0.1:{port}/v1/models/fmnist:predict", json={"instances": noise}, timeout=10)
+    assert r.status_code == 200
+    proc = mlflowctl(root, "monitor", check=False)
+    assert proc.returncode == 6, proc.stdout + proc.stderr  # all 20 live images are out of distribution
+    assert "drift rate 1.00 > max 0.50" in proc.stdout + proc.stderr
+    reports = sorted((root / ".mlflowctl" / "monitor").iterdir())
+    assert (reports[-1] / "drift.png").is_file() and "1.00" in (reports[-1] / "report.md").read_text()
+    ok = mlflowctl(root, "monitor", "monitor.max_drift_rate=1.0")
+    assert "report:" in ok.stdout

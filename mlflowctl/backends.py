@@ -9,12 +9,13 @@ variable per input and output directory.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, TextIO
 
 from mlflowctl.config import Configurable
-from mlflowctl.errors import Cancelled  # noqa: F401  (re-exported for backend authors)
+from mlflowctl.errors import Cancelled
 
 
 @dataclass
@@ -32,6 +33,13 @@ class StageRun:
     timeout: float | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     echo: Callable[[str], None] | None = None  # where live lines go; default: print with a prefix
+
+    def raise_if_stopped(self, started: float) -> None:
+        """Raise ``Cancelled`` if the run was cancelled or ran past ``timeout`` (backends poll this)."""
+        if self.cancelled.is_set():
+            raise Cancelled(f"stage {self.stage} cancelled")
+        if self.timeout and time.monotonic() - started > self.timeout:
+            raise Cancelled(f"stage {self.stage} timed out after {self.timeout:g} s")
 
     def emit(self, line: str) -> None:
         """Stream one line of stage output live, prefixed by the stage name."""

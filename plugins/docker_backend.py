@@ -365,10 +365,7 @@ class DockerBackend(Backend):
                 waiter.start()
                 try:
                     while not done.wait(POLL_SECONDS):
-                        if run.cancelled.is_set():
-                            raise Cancelled(f"stage {run.stage} cancelled")
-                        if run.timeout and time.monotonic() - started > run.timeout:
-                            raise Cancelled(f"stage {run.stage} timed out after {run.timeout:g} s")
+                        run.raise_if_stopped(started)
                 except KeyboardInterrupt:
                     self._stop(container)
                     reader.join(timeout=2)

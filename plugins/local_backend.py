@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflowctl import hookimpl
-from mlflowctl.backends import Backend, Cancelled, LogWriter, StageResult, StageRun
+from mlflowctl.backends import Backend, LogWriter, StageResult, StageRun
 from mlflowctl.config import Setting
 from mlflowctl.errors import MlflowctlError
 
@@ -67,11 +67,7 @@ class LocalBackend(Backend):
                         proc.wait(timeout=POLL_SECONDS)  # returns the moment the stage exits
                         break
                     except subprocess.TimeoutExpired:
-                        pass
-                    if run.cancelled.is_set():
-                        raise Cancelled(f"stage {run.stage} cancelled")
-                    if run.timeout and time.monotonic() - started > run.timeout:
-                        raise Cancelled(f"stage {run.stage} timed out after {run.timeout:g} s")
+                        run.raise_if_stopped(started)
             except BaseException:
                 self._stop_group(proc)
                 reader.join(timeout=2)

@@ -39,3 +39,23 @@ def doit_env() -> dict[str, str]:
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env.pop("MLFLOWCTL_DISABLE_PLUGINS", None)
     return env
+
+
+@pytest.fixture(scope="session")
+def docker_client():
+    """The real Docker engine: skipped when unreachable on a workstation, a failure under CI (make docker runs it)."""
+    try:
+        import docker
+
+        client = docker.from_env(timeout=60)
+        client.ping()
+    except Exception as exc:  # noqa: BLE001 - any failure means: no usable daemon
+        message = f"Docker daemon unreachable: {type(exc).__name__}: {exc}"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message} (CI must run dockerd: make docker)")
+        pytest.skip(f"{message} (run scripts/ensure-docker.sh)")
+    try:
+        client.images.get("python:3.11-slim")
+    except Exception:  # noqa: BLE001
+        pytest.fail("base image python:3.11-slim missing: run scripts/ensure-base-image.sh (make docker)")
+    return client

@@ -73,23 +73,10 @@ elif mode == "partial":
 
 # -- the engine ----------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def docker_client():
-    try:
-        import docker
-
-        client = docker.from_env(timeout=30)
-        client.ping()
-    except Exception as exc:  # noqa: BLE001 - any failure means: no usable daemon
-        message = f"Docker daemon unreachable: {type(exc).__name__}: {exc}"
-        if os.environ.get("CI"):
-            pytest.fail(f"{message} (CI must run dockerd: make docker)")
-        pytest.skip(f"{message} (run scripts/ensure-docker.sh)")
-    try:
-        client.images.get("python:3.11-slim")
-    except Exception:  # noqa: BLE001
-        pytest.fail("base image python:3.11-slim missing: run scripts/ensure-base-image.sh (make docker)")
+def docker_client(docker_client):
+    """conftest's engine, plus a session teardown: nothing of this session may survive."""
+    client = docker_client
     yield client
-    # Session teardown: nothing of this session may survive.
     for container in client.containers.list(all=True, filters={"label": f"mlflowctl.project={SESSION}"}):
         container.remove(force=True)
     for image in client.images.list(filters={"label": f"mlflowctl.project={SESSION}"}):

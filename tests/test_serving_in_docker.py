@@ -30,20 +30,6 @@ BLANK = [0.0] * 784
 ROLE = "mlflowctl.role=serve"
 
 
-@pytest.fixture(scope="module")
-def docker_client():
-    try:
-        import docker
-
-        client = docker.from_env(timeout=60)
-        client.ping()
-    except Exception as exc:  # noqa: BLE001 - any failure means: no usable daemon
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set but the Docker daemon is unreachable: {exc}")
-        pytest.skip(f"Docker daemon unreachable: {exc}")
-    return client
-
-
 def serve_containers(client, serve_dir: Path) -> list:
     """This project folder's model server containers (other sessions may run theirs on the same engine)."""
     return [c for c in client.containers.list(all=True, filters={"label": ROLE})

@@ -3,12 +3,15 @@
 #   make demo       set up (venv + data) and run the pipeline, then list models
 #   make test       set up (venv + data + docker) and run the test suite
 #   make bench      set up (venv + data) and run the benchmarks
-#   make venv|data|docker   the individual set-up steps (idempotent, fast when done)
+#   make venv|data|docker|cluster   the individual set-up steps (idempotent, fast when done)
+#   make cluster    build (once, cached) and start the single-node test Kubernetes (tests/cluster/)
+#   make cluster-down  stop it, leaving no process, mount, link, iptables rule or sysctl behind
 #   make clean      remove pipeline state (.mlflowctl/)
 #   make distclean  also remove the virtualenv (.venv/)
 #
 # Variables: PYTHON (interpreter for the venv, default python3), PYTEST_ARGS,
-# DOIT_ARGS, NO_DOCKER=1 (make test without starting Docker), BASE_IMAGE.
+# DOIT_ARGS, NO_DOCKER=1 (make test without starting Docker), NO_CLUSTER=1 (make test without
+# the test Kubernetes: its tests then skip, or fail under CI=true), BASE_IMAGE.
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -30,14 +33,15 @@ FMNIST_PKG  := dataset-fashion-mnist
 PYTEST_ARGS ?=
 DOIT_ARGS   ?=
 NO_DOCKER   ?=
+NO_CLUSTER  ?=
 
 export DEBIAN_FRONTEND := noninteractive
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv data docker demo test bench clean distclean
+.PHONY: help venv data docker cluster cluster-down demo test bench clean distclean
 
 help:
-	@echo "targets: demo test bench venv data docker clean distclean"
+	@echo "targets: demo test bench venv data docker cluster cluster-down clean distclean"
 	@echo "  e.g. make test PYTEST_ARGS='-k local -x'"
 
 # ---------------------------------------------------------------- venv
@@ -88,13 +92,22 @@ docker:
 	@if [ -n "$(NO_DOCKER)" ]; then echo "docker: skipped (NO_DOCKER set)"; exit 0; fi; \
 	scripts/ensure-docker.sh && scripts/ensure-base-image.sh
 
+# ---------------------------------------------------------------- cluster
+# A real single-node Kubernetes (upstream v1.34 built from its Go modules) for the k8s tests.
+cluster:
+	@if [ -n "$(NO_CLUSTER)" ]; then echo "cluster: skipped (NO_CLUSTER set)"; exit 0; fi; \
+	scripts/ensure-cluster.sh up
+
+cluster-down:
+	scripts/ensure-cluster.sh down
+
 # ---------------------------------------------------------------- main targets
 demo: venv data
 	$(VBIN)/doit -n 2 $(DOIT_ARGS)
 	$(VBIN)/mlflowctl models
 	$(VBIN)/mlflowctl report
 
-test: venv data docker
+test: venv data docker cluster
 	$(VBIN)/pytest -q -ra tests $(PYTEST_ARGS)
 
 bench: venv data

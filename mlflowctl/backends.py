@@ -30,6 +30,10 @@ class StageRun:
     outputs: dict[str, Path]    # env var -> local, empty directory the stage writes
     log_path: Path              # where the full log goes (published with the outputs)
     key: str = ""               # the cache key of this run
+    # env var -> (store, store path) of every input and of the output; for backends whose stages run
+    # where the store is (``Backend.runs_in_store``) these are the only locations, ``inputs`` and
+    # ``outputs`` are then empty and the output path is a store-side staging folder.
+    locations: dict[str, "StoreLocation"] = field(default_factory=dict)
     timeout: float | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     echo: Callable[[str], None] | None = None  # where live lines go; default: print with a prefix
@@ -48,6 +52,15 @@ class StageRun:
             self.echo(line)
         else:
             print(f"[{self.stage}] {line}", flush=True)
+
+
+@dataclass(frozen=True)
+class StoreLocation:
+    """A stage input or output as a store path (``results/data/<key>``, ``.staging/<stage>-<key>``)."""
+
+    store: Any
+    path: str
+    read_only: bool = True
 
 
 @dataclass
@@ -71,6 +84,9 @@ class Backend(Configurable):
     """
 
     name: ClassVar[str] = ""
+    #: True when stages run where the orchestrator's folders are not visible (a cluster): they then
+    #: get ``StageRun.locations`` only, read inputs from and write outputs into the store itself.
+    runs_in_store: ClassVar[bool] = False
 
     def profile(self) -> dict[str, Any]:
         """What about this backend changes a stage's results: joins every stage's cache key."""

@@ -47,6 +47,7 @@ class Setting:
     choices: tuple[Any, ...] = ()
     secret: bool = False
     env: str = ""  # the environment variable a stage sees this as (stage settings only)
+    check: Any = None  # check(value) -> None if valid, else what was expected (e.g. a Kubernetes quantity)
 
     def coerce(self, value: Any, where: str) -> Any:
         """Check (and for strings from the command line, convert) ``value``."""
@@ -63,6 +64,11 @@ class Setting:
             raise ConfigError(f"{where}: expected {_TYPE_NAMES.get(t, t.__name__)}, got {value!r}")
         if self.choices and value not in self.choices:
             raise ConfigError(f"{where}: expected one of {', '.join(map(str, self.choices))}, got {value!r}")
+        if self.check is not None:
+            for item in (value if isinstance(value, list) else [value]):
+                problem = self.check(item)
+                if problem:
+                    raise ConfigError(f"{where}: {problem}, got {item!r}")
         return value
 
 
@@ -129,7 +135,7 @@ PLUGIN_SECTIONS = {"backends": "backends", "stores": "stores", "serving": "servi
 
 
 def _stage(**settings: Setting) -> dict[str, Setting]:
-    return {name: (s if s.env else Setting(s.type, s.default, s.help, s.choices, s.secret, name.upper()))
+    return {name: (s if s.env else Setting(s.type, s.default, s.help, s.choices, s.secret, name.upper(), s.check))
             for name, s in settings.items()}
 
 

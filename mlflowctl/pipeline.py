@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from mlflowctl.backends import LogWriter, StageResult, StageRun
+from mlflowctl.backends import LogWriter, StageResult, StageRun, StoreLocation
 from mlflowctl.config import SCHEMA, full_schema, public, stage_env
 from mlflowctl.errors import MlflowctlError, StageFailed
 from mlflowctl.stores import MANIFEST
@@ -211,15 +211,24 @@ class Pipeline:
         if info.key is None:
             raise MlflowctlError(f"stage {stage.name}: inputs {', '.join(info.missing_inputs)} have no result",
                                  hint=f"doit {info.missing_inputs[0]}")
-        inputs = {env: self.current_result(up) for env, up in stage.inputs}
         log_path = project.state_dir / "logs" / f"{stage.name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log_path.write_text("")
-        with store.staging(stage.name) as out:
+        in_store = bool(stage.command) and getattr(project.backend, "runs_in_store", False)
+        input_paths = {env: self.resolve(self.stages[up]).path for env, up in stage.inputs}
+        staging = store.remote_staging(stage.name, key=info.key) if in_store else store.staging(stage.name)
+        with staging as out:
+            locations = {env: StoreLocation(store, path) for env, path in input_paths.items()}
+            if in_store:  # the stage reads and writes the store itself (a pod with the store mounted)
+                inputs, outputs = {}, {}
+                locations[stage.output] = StoreLocation(store, out, read_only=False)
+            else:
+                inputs = {env: self.current_result(up) for env, up in stage.inputs}
+                outputs = {stage.output: out}
             run = StageRun(
                 stage=stage.name, command=list(stage.command), workdir=project.stage_code_dir,
-                env=self.stage_env(stage), inputs=inputs,
-                outputs={stage.output: out}, log_path=log_path, key=info.key,
+                env=self.stage_env(stage), inputs=inputs, outputs=outputs, locations=locations,
+                log_path=log_path, key=info.key,
             )
             hook = project.pm.hook
             hook.mlflowctl_before_stage(stage=stage.name, run=run)
@@ -239,13 +248,17 @@ class Pipeline:
             except BaseException as exc:
                 hook.mlflowctl_on_stage_error(stage=stage.name, run=run, error=exc)
                 raise
-            logs = out / "_logs"
-            logs.mkdir(exist_ok=True)
-            shutil.copyfile(log_path, logs / f"{stage.name}.log")
             manifest = {"stage": stage.name, "key": info.key, "components": info.components,
                         "duration": round(result.duration, 3), "finished_at": time.time(),
                         "run": {k: v for k, v in result.detail.items() if isinstance(v, (str, int, float, bool))}}
-            store.publish(out, info.path, manifest=manifest)
+            if in_store:
+                store.put(log_path, f"{out}/_logs/{stage.name}.log")
+                store.publish_staged(out, info.path, manifest=manifest)
+            else:
+                logs = out / "_logs"
+                logs.mkdir(exist_ok=True)
+                shutil.copyfile(log_path, logs / f"{stage.name}.log")
+                store.publish(out, info.path, manifest=manifest)
             self._digests.clear()
         record = self.last_run_path(stage.name)
         record.parent.mkdir(parents=True, exist_ok=True)
@@ -263,16 +276,23 @@ class Pipeline:
         for stage in self.stages.values():
             if not stage.command:
                 continue
-            inputs = {}
+            inputs, locations = {}, {}
+            in_store = getattr(self.project.backend, "runs_in_store", False)
             for env, up in stage.inputs:
-                try:
-                    inputs[env] = self.current_result(up)
-                except MlflowctlError:
-                    inputs[env] = folder / "pending" / up
+                info = self.resolve(self.stages[up])
+                locations[env] = StoreLocation(self.project.store, info.path if info.key else f"pending/{up}")
+                if not in_store:
+                    try:
+                        inputs[env] = self.current_result(up)
+                    except MlflowctlError:
+                        inputs[env] = folder / "pending" / up
+            key = self.resolve(stage).key or ""
+            locations[stage.output] = StoreLocation(self.project.store, f".staging/{stage.name}-{key or 'pending'}",
+                                                    read_only=False)
             run = StageRun(stage=stage.name, command=list(stage.command), workdir=self.project.stage_code_dir,
                            env=self.stage_env(stage), inputs=inputs,
-                           outputs={stage.output: folder / "outputs" / stage.name},
-                           log_path=folder / "logs" / f"{stage.name}.log", key=self.resolve(stage).key or "")
+                           outputs={} if in_store else {stage.output: folder / "outputs" / stage.name},
+                           locations=locations, log_path=folder / "logs" / f"{stage.name}.log", key=key)
             written += [p for p in self.project.backend.render(run, folder) if p not in written]
         return written
 
@@ -285,11 +305,26 @@ class Pipeline:
         stage = self.stages[stage_name]
         if not stage.command:
             raise MlflowctlError(f"stage {stage_name} runs in the orchestrator; run it with: doit {stage_name}")
-        inputs = {env: self.current_result(up) for env, up in stage.inputs}
         out.mkdir(parents=True, exist_ok=True)
+        log_path = out / "_logs" / f"{stage.name}.log"
+        locations = {env: StoreLocation(self.project.store, self.resolve(self.stages[up]).path)
+                     for env, up in stage.inputs}
+        if getattr(self.project.backend, "runs_in_store", False):
+            for env, up in stage.inputs:
+                self.current_result(up)  # raises with a hint when an input has no result
+            with self.project.store.remote_staging(stage.name) as staging:
+                locations[stage.output] = StoreLocation(self.project.store, staging, read_only=False)
+                run = StageRun(stage=stage.name, command=list(stage.command), workdir=self.project.stage_code_dir,
+                               env=self.stage_env(stage), inputs={}, outputs={}, locations=locations,
+                               log_path=log_path, key="uncached")
+                with _live(run):
+                    result = self.project.backend.run(run)
+                self.project.store.get(staging, out)
+                return result
+        inputs = {env: self.current_result(up) for env, up in stage.inputs}
         run = StageRun(stage=stage.name, command=list(stage.command), workdir=self.project.stage_code_dir,
-                       env=self.stage_env(stage), inputs=inputs, outputs={stage.output: out},
-                       log_path=out / "_logs" / f"{stage.name}.log", key="uncached")
+                       env=self.stage_env(stage), inputs=inputs, outputs={stage.output: out}, locations=locations,
+                       log_path=log_path, key="uncached")
         with _live(run):
             return self.project.backend.run(run)
 

@@ -27,6 +27,8 @@ BUILTIN_PLUGINS = (
     "mlflowctl_plugins.docker_backend",
     "mlflowctl_plugins.local_store",
     "mlflowctl_plugins.local_serving",
+    "mlflowctl_plugins.k8s_backend",
+    "mlflowctl_plugins.pvc_store",
 )
 
 

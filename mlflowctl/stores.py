@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import IO, Any, ClassVar, Iterator
 
 from mlflowctl.config import Configurable
-
-MANIFEST = "_manifest.json"
+from mlflowctl.manifest import MANIFEST, file_manifest  # noqa: F401 - part of the store contract
 
 
 class Store(Configurable):
@@ -78,6 +77,39 @@ class Store(Configurable):
         """
         raise NotImplementedError
 
+    # -- stages that run where the store is (pods) -----------------------
+    # A backend whose stages cannot see the orchestrator's folders (``Backend.runs_in_store``, e.g.
+    # ``k8s``) asks the store how a pod reaches a store path, and has the stage write into a staging
+    # folder *inside* the store, which the pipeline then publishes there. A store that cannot be
+    # mounted by pods keeps the defaults: such a backend then refuses it with one line.
+    def pod_volume(self, path: str) -> tuple[dict[str, Any], str]:
+        """How a pod mounts store path ``path``: (a Kubernetes ``volumes`` entry, its ``subPath``).
+
+        Raises ``ConfigError`` when pods cannot reach this store (the default).
+        """
+        from mlflowctl.errors import ConfigError
+
+        raise ConfigError(f"store {self.url}: pods cannot mount a {self.scheme}:// store",
+                          hint="use a store the cluster reaches, e.g. store=pvc://claim/path")
+
+    @contextlib.contextmanager
+    def remote_staging(self, label: str = "out", key: str = "") -> Iterator[str]:
+        """A fresh, empty folder *in the store* (its store path), removed on exit unless published.
+
+        With a ``key``, the same key gives the same folder (a re-submitted stage adopts its work).
+        """
+        from mlflowctl.errors import ConfigError
+
+        raise ConfigError(f"store {self.url}: a {self.scheme}:// store has no staging that pods can write")
+        yield ""
+
+    def publish_staged(self, staging: str, path: str, manifest: dict[str, Any] | None = None) -> bool:
+        """Publish the store-side folder ``staging`` (from :meth:`remote_staging`) at ``path``, all at once.
+
+        Same semantics as :meth:`publish`: ``_manifest.json`` is written, ``False`` when ``path`` exists.
+        """
+        raise NotImplementedError
+
     # -- conveniences shared by every store -----------------------------
     def read_json(self, path: str, default: Any = None) -> Any:
         import json
@@ -93,19 +125,3 @@ class Store(Configurable):
         with self.open(path, "w") as fh:
             json.dump(data, fh, indent=2, sort_keys=True)
             fh.write("\n")
-
-
-def file_manifest(root: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Sizes and sha256 of every file under ``root`` (the ``_manifest.json`` content)."""
-    import hashlib
-
-    files = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            h = hashlib.sha256()
-            with open(p, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-            files[p.relative_to(root).as_posix()] = {"bytes": p.stat().st_size, "sha256": h.hexdigest()}
-    digest = hashlib.sha256(repr(sorted((k, v["sha256"]) for k, v in files.items())).encode()).hexdigest()
-    return {**(extra or {}), "files": files, "digest": digest}

@@ -283,11 +283,14 @@ class DockerBackend(Backend):
         new requirements or a changed Dockerfile re-run every stage, while a
         changed ``train_model.py`` rebuilds only the top layer and re-runs
         only the stages that depend on it. With a fixed ``image`` setting, the
-        image's id is used instead.
+        image's id is used instead. The backend's name is not part of it: a
+        stage computed in a container is the same result wherever the same
+        image ran it (the ``k8s`` backend keys its Jobs the same way).
         """
         if self.setting("image"):
-            return {"backend": self.name, "image_digest": self.ensure_image().id}
-        return {"backend": self.name, "environment_digest": self.context_info().environment_digest[:20]}
+            return {"image_digest": self.ensure_image().id}
+        # no backend name: the k8s backend runs the same image and shares these results both ways
+        return {"image_environment": self.context_info().environment_digest[:20]}
 
     # -- running a stage ---------------------------------------------------------
     def container_name(self, stage: str) -> str:

@@ -428,6 +428,11 @@ up() {
   wait_for "node $NODE Ready" "$WAIT" kubelet \
     bash -c "kubectl --kubeconfig '$KUBECONFIG_ADMIN' --request-timeout=5s get node '$NODE' -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}' | grep -qx True"
   wait_for "the default service account" 60 kube-controller-manager kubectl_ -n default get serviceaccount default
+  # the base image (the pvc:// store server's default image) when the Docker engine has it
+  if command -v docker >/dev/null && docker image inspect python:3.11-slim >/dev/null 2>&1 \
+     && ! ctr --address "$CTRD_SOCK" -n k8s.io images ls -q | grep -q 'python:3.11-slim$'; then
+    load_images python:3.11-slim
+  fi
   say "ready: KUBECONFIG=$KUBECONFIG_ADMIN (kube-all $K8S_VERSION; logs in $STATE/logs)"
 }
 

@@ -31,7 +31,52 @@ def local_backend(root: Path) -> Any:
     return LocalBackend({"python": "", "stop_timeout": 5.0}, fake_project(root))
 
 
-STORES: dict[str, Callable[[Path], Any]] = {"file": local_store}
+def pvc_store(root: Path) -> Any:
+    """A ``pvc://`` store on the test cluster: one namespace and claim for the session, a path per test."""
+    from mlflowctl_plugins.pvc_store import PvcStore
+
+    namespace = _session_claim()
+    project = fake_project(root)
+    return PvcStore(f"pvc://store/{root.name}", {"kubeconfig": _kube().KUBECONFIG, "namespace": namespace,
+                                                   "start_timeout": 120.0}, project)
+
+
+def _kube() -> Any:
+    import kube_fixtures
+
+    return kube_fixtures
+
+
+_CLAIM: list[str] = []
+
+
+def _session_claim() -> str:
+    """The contract suite's namespace with a bound claim ``store`` (made once; removed at exit)."""
+    if _CLAIM:
+        return _CLAIM[0]
+    import atexit
+    import secrets
+    import types
+
+    kf = _kube()
+    from kubernetes import client, config
+
+    api = config.new_client_from_config(config_file=kf.KUBECONFIG)
+    cluster = types.SimpleNamespace(core=client.CoreV1Api(api))
+    namespace = f"mlflowctl-c-{secrets.token_hex(4)}"
+    cluster.core.create_namespace({"metadata": {"name": namespace, "labels": {"mlflowctl.io/test": "1"}}})
+    kf.make_claim(cluster, namespace)
+
+    def cleanup() -> None:
+        cluster.core.delete_namespace(namespace, propagation_policy="Background", grace_period_seconds=0)
+        kf.drop_claims(cluster, namespace)
+
+    atexit.register(cleanup)
+    _CLAIM.append(namespace)
+    return namespace
+
+
+STORES: dict[str, Callable[[Path], Any]] = {"file": local_store, "pvc": pvc_store}
 BACKENDS: dict[str, Callable[[Path], Any]] = {"local": local_backend}
 
 if os.environ.get("MLFLOWCTL_CONTRACT_ONLY"):

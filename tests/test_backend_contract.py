@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from contract_fixtures import BACKENDS
-from mlflowctl.backends import StageRun
+from mlflowctl.backends import StageRun, StoreLocation
 from mlflowctl.errors import Cancelled
 
 SCRIPT = r'''
@@ -41,7 +41,9 @@ def backend(request, tmp_path):
     return b
 
 
-def make_run(tmp_path: Path, mode: str, lines: list[str] | None = None, timeout: float | None = None) -> StageRun:
+def make_run(backend, tmp_path: Path, mode: str, lines: list[str] | None = None,
+             timeout: float | None = None) -> StageRun:
+    """A run of the contract script: local folders, or (``runs_in_store`` backends) store locations."""
     code = tmp_path / "image"
     code.mkdir(exist_ok=True)
     (code / "stage.py").write_text(SCRIPT)
@@ -49,33 +51,55 @@ def make_run(tmp_path: Path, mode: str, lines: list[str] | None = None, timeout:
     inp.mkdir(exist_ok=True)
     out.mkdir(exist_ok=True)
     (inp / "input.txt").write_text("hello ")
+    inputs, outputs, locations = {"IN_DIR": inp}, {"OUT_DIR": out}, {}
+    if getattr(backend, "runs_in_store", False):
+        store = backend.contract_store  # set by the backend's fixture: a store its stages can mount
+        where = f"contract/{tmp_path.name}"
+        store.publish(inp, f"{where}/in")
+        staging = store.remote_staging("contract")
+        locations = {"IN_DIR": StoreLocation(store, f"{where}/in"),
+                     "OUT_DIR": StoreLocation(store, staging.__enter__(), read_only=False)}
+        inputs, outputs = {}, {}
     run = StageRun(stage="contract", command=["python", "stage.py"], workdir=code,
-                   env={"MODE": mode, "GREETING": "world"}, inputs={"IN_DIR": inp}, outputs={"OUT_DIR": out},
-                   log_path=tmp_path / "logs" / "contract.log", key="k", timeout=timeout)
+                   env={"MODE": mode, "GREETING": "world"}, inputs=inputs, outputs=outputs,
+                   log_path=tmp_path / "logs" / "contract.log", key="", timeout=timeout, locations=locations)
     if lines is not None:
         run.echo = lines.append
     return run
 
 
+def output_bytes(run: StageRun, name: str) -> bytes | None:
+    """A file the stage wrote into its output (read back from the store for ``runs_in_store`` backends)."""
+    if run.outputs:
+        path = run.outputs["OUT_DIR"] / name
+        return path.read_bytes() if path.exists() else None
+    loc = run.locations["OUT_DIR"]
+    rel = f"{loc.path}/{name}"
+    if not loc.store.exists(rel):
+        return None
+    with loc.store.open(rel, "rb") as fh:
+        return fh.read()
+
+
 def test_runs_with_env_inputs_and_outputs(backend, tmp_path):
     lines: list[str] = []
-    run = make_run(tmp_path, "ok", lines)
+    run = make_run(backend, tmp_path, "ok", lines)
     result = backend.run(run)
     assert result.ok and result.exit_code == 0
-    out = run.outputs["OUT_DIR"] / "result.txt"
-    assert out.read_text() == "HELLO world"
-    assert out.stat().st_uid == os.getuid()
+    assert output_bytes(run, "result.txt") == b"HELLO world"
+    if run.outputs:  # local folders: written as the user, not root
+        assert (run.outputs["OUT_DIR"] / "result.txt").stat().st_uid == os.getuid()
     assert [l for l in lines if l.startswith("line")] == ["line 0", "line 1", "line 2"]
     assert "line 2" in run.log_path.read_text()
 
 
 def test_default_echo_prefixes_the_stage_name(backend, tmp_path, capsys):
-    backend.run(make_run(tmp_path, "ok"))
+    backend.run(make_run(backend, tmp_path, "ok"))
     assert "[contract] line 0" in capsys.readouterr().out
 
 
 def test_failure_reports_exit_code_and_keeps_the_log(backend, tmp_path):
-    run = make_run(tmp_path, "fail", [])
+    run = make_run(backend, tmp_path, "fail", [])
     result = backend.run(run)
     assert not result.ok and result.exit_code == 7
     log = run.log_path.read_text()
@@ -94,13 +118,13 @@ def _alive(pid: int) -> bool:
 
 
 def test_cancel_stops_promptly_and_leaves_nothing_running(backend, tmp_path):
-    run = make_run(tmp_path, "sleep", [])
+    run = make_run(backend, tmp_path, "sleep", [])
     threading.Timer(1.5, run.cancelled.set).start()
     started = time.monotonic()
     with pytest.raises(Cancelled):
         backend.run(run)
     assert time.monotonic() - started < 15
-    pid_file = run.outputs["OUT_DIR"] / "child.pid"
+    pid_file = run.outputs["OUT_DIR"] / "child.pid" if run.outputs else Path("/nonexistent")
     if pid_file.exists() and getattr(backend, "name", "") == "local":
         child = int(pid_file.read_text())
         deadline = time.monotonic() + 5
@@ -110,13 +134,13 @@ def test_cancel_stops_promptly_and_leaves_nothing_running(backend, tmp_path):
 
 
 def test_timeout_cancels(backend, tmp_path):
-    run = make_run(tmp_path, "sleep", [], timeout=1.0)
+    run = make_run(backend, tmp_path, "sleep", [], timeout=1.0)
     with pytest.raises(Cancelled, match="timed out"):
         backend.run(run)
 
 
 def test_render_writes_an_equivalent_script(backend, tmp_path):
-    run = make_run(tmp_path, "ok")
+    run = make_run(backend, tmp_path, "ok")
     files = backend.render(run, tmp_path / "rendered")
     assert files and all(f.exists() for f in files)
     text = "\n".join(f.read_text() for f in files)

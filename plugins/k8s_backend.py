@@ -100,6 +100,9 @@ class KubeBackend(Backend):
         "backoff_limit": Setting(int, 0, "retries of a failed stage pod (Job backoffLimit)"),
         "active_deadline_seconds": Setting(int, 6 * 3600, "a Job running longer fails with DeadlineExceeded"),
         "ttl_seconds_after_finished": Setting(int, 3600, "finished Jobs are garbage-collected after this"),
+        "keep_jobs": Setting(bool, False, "keep finished Jobs and their pods (for kubectl describe/logs) until "
+                                          "ttl_seconds_after_finished; by default they are deleted once the "
+                                          "stage's log is saved"),
         "start_timeout": Setting(float, 300.0, "seconds a pod may stay unschedulable or not started before the "
                                                "stage fails"),
     }
@@ -329,6 +332,8 @@ class KubeBackend(Backend):
                 raise
             finally:
                 watcher.stop_logs(join=True)
+            if not self.setting("keep_jobs"):
+                self._delete(name, wait=True)
         detail = {"job": name, "namespace": ns, "image": image, "pod": outcome.get("pod", "")}
         if outcome.get("error"):
             raise StageFailed(f"stage {run.stage}: {outcome['error']}", hint=outcome.get("hint") or
@@ -420,7 +425,7 @@ class _JobWatcher:
         core = self.kube.core()
         try:
             resp = core.read_namespaced_pod_log(pod, self.kube.namespace, container="stage", follow=True,
-                                                _preload_content=False, _request_timeout=(10, None))
+                                                _preload_content=False, _request_timeout=(10, 7 * 86400))
         except Exception:  # noqa: BLE001 - no log (the pod is gone): nothing to stream
             return
         pending = b""
@@ -456,7 +461,8 @@ class _JobWatcher:
     def stop_logs(self, join: bool = False) -> None:
         if join:
             for t in self.followers.values():
-                t.join(timeout=15)
+                if t is not threading.current_thread():
+                    t.join(timeout=15)
         self.stopping.set()
 
     # -- waiting ------------------------------------------------------------------------------------
@@ -509,10 +515,22 @@ class _JobWatcher:
             if job is None:
                 return {"error": f"job {self.name} disappeared (deleted by someone else?)"}
             if _job_condition(job, "Complete"):
+                self._catch_up()
                 return {"exit_code": 0, "pod": self._last_pod_name()}
             failed = _job_condition(job, "Failed")
             if failed:
+                self._catch_up()
                 return self._failure(failed)
+
+    def _catch_up(self) -> None:
+        """The log of every pod that ended before the watch saw it run (short stages), read whole."""
+        core, ns = self.kube.core(), self.kube.namespace
+        listing = self.kube.call("list pods", core.list_namespaced_pod, ns, label_selector=f"job-name={self.name}")
+        for pod in sorted(listing.items, key=lambda p: p.metadata.creation_timestamp or 0):
+            self.pods[pod.metadata.name] = pod
+            if pod.metadata.name not in self.followers:
+                self.followers[pod.metadata.name] = threading.current_thread()
+                self._follow(pod.metadata.name)
 
     def _last_pod_name(self) -> str:
         pods = sorted(self.pods.values(), key=lambda p: p.metadata.creation_timestamp or 0)

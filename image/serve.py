@@ -874,6 +874,8 @@ class App:
         self.metrics = metrics
         self.max_body = max_body
         self.ready = False
+        self.watch_routing = 0.0  # seconds between checks of the routing file (--watch-routing), 0: off
+        self._watcher: Any = None
         self.test_traffic = False  # set per POST from the X-Mlflowctl-Traffic header
         self.loop: asyncio.AbstractEventLoop | None = None
         self.reloading: asyncio.Lock | None = None
@@ -897,12 +899,35 @@ class App:
                     self.loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
                 except (NotImplementedError, RuntimeError, ValueError):
                     pass
+                if self.watch_routing > 0 and self.model.routing_path is not None:
+                    self._watcher = asyncio.ensure_future(self._watch_routing())
                 self.ready = True
                 await send({"type": "lifespan.startup.complete"})
             elif msg["type"] == "lifespan.shutdown":
                 self.ready = False
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    async def _watch_routing(self) -> None:
+        """Re-read the routing file when it changes (``--watch-routing``: where no signal or loopback
+        request can reach the server, e.g. a pod whose routing file lives on a volume)."""
+        path = self.model.routing_path
+
+        def stamp() -> tuple[int, int, int] | None:
+            try:
+                st = path.stat()
+                return (st.st_ino, st.st_mtime_ns, st.st_size)
+            except OSError:
+                return None
+
+        last = stamp()
+        while True:
+            await asyncio.sleep(self.watch_routing)
+            now = stamp()
+            if now != last and now is not None:
+                log.info("routing file changed: re-reading %s", path)
+                await self._reload_quietly()
+            last = now
 
     def _on_sighup(self) -> None:
         log.info("SIGHUP: re-reading %s", self.model.routing_path)
@@ -1348,6 +1373,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-path", default=None, help="registry folder of the model (default $MODEL_BASE_PATH/<name>)")
     p.add_argument("--routing", default=os.environ.get("ROUTING_FILE") or None,
                    help="routing JSON; without it the highest version is served")
+    p.add_argument("--watch-routing", type=float, default=0.0, metavar="SECONDS",
+                   help="also re-read the routing file when it changes, checking every SECONDS (0: off)")
     p.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8501")))
     p.add_argument("--max-body-bytes", type=int, default=int(os.environ.get("MAX_BODY_BYTES", DEFAULT_MAX_BODY)))
@@ -1390,6 +1417,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         raise SystemExit(f"serve: {exc}") from None
     app = App(model, metrics, args.max_body_bytes)
+    app.watch_routing = args.watch_routing
 
     config = uvicorn.Config(app, loop=args.loop, http=args.http, lifespan="on", access_log=False,
                             log_level="warning", server_header=False, date_header=False,

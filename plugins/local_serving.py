@@ -7,7 +7,9 @@ The server runs in one of two runtimes (``serving.local.runtime``):
   named ``mlflowctl-<project>-serve-<port>``, on the host network (so it listens on 127.0.0.1
   exactly like the process, and ``POST /admin/reload`` comes from loopback), as your uid:gid,
   with the registry folder (read-only) and ``.mlflowctl/serve/`` bind-mounted at the same paths;
-* ``auto`` (default) -- ``docker`` when the project's backend is ``docker``, else ``process``.
+* ``k8s`` -- a Deployment + Service of the k8s backend's image in the cluster, the registry and the
+  routing file on the store's volume (see ``k8s_serving.py``), reached through the API server;
+* ``auto`` (default) -- ``docker`` or ``k8s`` when the project's backend is that, else ``process``.
 
 Either way the server outlives the command that started it; ``mlflowctl serve stop`` ends it
 (whatever the runtime it was started in: ``server.json`` records it). Everything about it lives
@@ -45,7 +47,7 @@ from mlflowctl.serving import Endpoint, ServingTarget
 
 SERVER_SCRIPT = "serve.py"
 STOP_TIMEOUT = 10.0
-RUNTIMES = ("auto", "process", "docker")
+RUNTIMES = ("auto", "process", "docker", "k8s")
 LABEL_PROJECT = "mlflowctl.project"    # the docker backend's label: `mlflowctl prune` knows it
 LABEL_ROLE = "mlflowctl.role"
 LABEL_SERVE_DIR = "mlflowctl.serve-dir"  # which project folder's server a container is
@@ -452,8 +454,9 @@ class LocalServing(ServingTarget):
         "python": Setting(str, sys.executable, "Python interpreter that runs the server (needs tensorflow, uvicorn; "
                                                "process runtime)"),
         "runtime": Setting(str, "auto", "where the server runs: process, docker (a container of the docker "
-                                        "backend's image, host network), or auto (docker with the docker backend, "
-                                        "else process)", choices=RUNTIMES),
+                                        "backend's image, host network), k8s (a Deployment + Service in the "
+                                        "cluster), or auto (the project's backend: docker, k8s, else process)",
+                           choices=RUNTIMES),
     }
 
     def __init__(self, settings: dict[str, Any], project: Any) -> None:
@@ -477,6 +480,8 @@ class LocalServing(ServingTarget):
 
     @property
     def url(self) -> str:
+        if self.runtime_name == "k8s":  # where Jobs in the cluster reach it
+            return self._runtime("k8s").cluster_url()
         host = str(self._cfg("host"))
         if host in ("0.0.0.0", ""):
             host = "127.0.0.1"
@@ -508,8 +513,8 @@ class LocalServing(ServingTarget):
                 backend = config["backend"] if config is not None else None
             except (KeyError, TypeError):
                 backend = None
-            return "docker" if backend == "docker" else "process"
-        if name not in _RUNTIME_CLASSES:
+            return backend if backend in ("docker", "k8s") else "process"
+        if name not in RUNTIMES:
             raise ConfigError(f"serving.local.runtime: expected one of {', '.join(RUNTIMES)}, got {name!r}")
         return name
 
@@ -517,6 +522,8 @@ class LocalServing(ServingTarget):
         name = name or self.runtime_name
         if name not in self._runtimes:
             cls = _RUNTIME_CLASSES.get(name)
+            if name == "k8s":
+                from mlflowctl_plugins.k8s_serving import KubeServerRuntime as cls
             if cls is None:
                 raise MlflowctlError(f"{self.info_file}: unknown runtime {name!r}",
                                      hint=f"stop that server by hand and remove {self.info_file}")
@@ -566,9 +573,16 @@ class LocalServing(ServingTarget):
         _write_json_atomic(self.routing_file, routing)
 
     # ------------------------------------------------------------------ the server
+    def _active_runtime(self) -> Any:
+        info = _read_json(self.info_file, {})
+        return self._runtime((info.get("runtime") if isinstance(info, dict) else None) or self.runtime_name)
+
     def _get(self, path: str, timeout: float = 2.0) -> Any:
         import requests
 
+        runtime = self._active_runtime()
+        if hasattr(runtime, "request"):  # a server in a cluster: through the API server
+            return runtime.request("GET", path.lstrip("/"), timeout=timeout)
         return requests.get(f"{self._server_url()}{path}", timeout=timeout)
 
     def _server_url(self) -> str:
@@ -598,10 +612,14 @@ class LocalServing(ServingTarget):
     def _port_hint(self, port: int) -> str:
         return f"stop what listens on port {port} (mlflowctl serve stop) or set serving.local.port"
 
+    def _model_base(self, runtime: Any) -> Any:
+        """Where the server finds the registry: a local folder, or (a cluster runtime) a store path."""
+        return runtime.base_path() if hasattr(runtime, "base_path") else self._base_path()
+
     def _spawn(self) -> None:
         runtime = self._runtime()
         host, port = str(self._cfg("host")), int(self._cfg("port"))
-        base = self._base_path()
+        base = self._model_base(runtime)
         args = ["--model-name", self.model_name, "--base-path", str(base), "--routing", str(self.routing_file),
                 "--host", host, "--port", str(port), "--max-body-bytes", str(int(self._cfg("max_body_bytes")))]
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -609,8 +627,9 @@ class LocalServing(ServingTarget):
             offset = self.log_file.stat().st_size
         except OSError:
             offset = 0
-        info = {"runtime": runtime.name, **runtime.spawn(args, base), "host": host, "port": port, "url": self.url,
-                "base_path": str(base), "started_at": time.time(), "model_name": self.model_name}
+        info = {"runtime": runtime.name, "host": host, "port": port, "url": self.url, "base_path": str(base),
+                "started_at": time.time(), "model_name": self.model_name}
+        info.update(runtime.spawn(args, base))
         _write_json_atomic(self.info_file, info)
         deadline = time.monotonic() + float(self._cfg("start_timeout"))
         while True:
@@ -654,13 +673,18 @@ class LocalServing(ServingTarget):
         if (info.get("runtime") or "process") != self.runtime_name:
             return False
         try:
-            return info.get("base_path") == str(self._base_path())
+            return info.get("base_path") == str(self._model_base(self._runtime()))
         except MlflowctlError:
             return True
 
     def _reload(self) -> dict[str, Any]:
         """Make the running server re-read routing.json; returns its view of the versions."""
         import requests
+
+        runtime = self._active_runtime()
+        if hasattr(runtime, "push_routing"):  # a server in a cluster reads its routing from the store
+            runtime.push_routing()
+            return runtime.wait_routing(self._routing(), float(self._cfg("start_timeout")))
 
         try:
             r = requests.post(f"{self._server_url()}/admin/reload", timeout=float(self._cfg("start_timeout")))
@@ -720,6 +744,8 @@ class LocalServing(ServingTarget):
             raise MlflowctlError(f"model server script {Path(self.project.stage_code_dir) / SERVER_SCRIPT} is missing")
         if self.runtime_name == "docker":
             self._runtime("docker").client()  # the daemon answers (else: one line and a hint)
+        elif self.runtime_name == "k8s":
+            self._runtime("k8s").backend.preflight()  # the cluster answers, the store is mountable
 
     def start(self) -> Endpoint | None:
         with self._locked():
@@ -747,8 +773,8 @@ class LocalServing(ServingTarget):
         server = self._server()
         if server is not None:
             server[0].stop(server[1])
-        elif self.runtime_name == "docker":
-            self._runtime("docker").sweep()
+        elif self.runtime_name in ("docker", "k8s"):
+            self._runtime(self.runtime_name).sweep()
         self._forget()
 
     def deploy(self, version: Any, label: str = "canary", weight: float = 0.0) -> Endpoint:
@@ -810,6 +836,14 @@ class LocalServing(ServingTarget):
         info = _read_json(self.info_file, {})
         if not info or (info.get("runtime") or "process") != self.runtime_name:
             return False
+        runtime = self._runtime()
+        if hasattr(runtime, "request"):  # in a cluster: one request through the API server
+            try:
+                r = runtime.request("GET", f"v1/models/{self.model_name}/versions/{int(version)}", timeout=5)
+                states = r.json().get("model_version_status", []) if r.status_code == 200 else []
+            except (MlflowctlError, ValueError):
+                return False
+            return any(str(s.get("state")) == "AVAILABLE" for s in states if isinstance(s, dict))
         url = f"{info.get('url') or self.url}/v1/models/{self.model_name}/versions/{int(version)}"
         try:
             with urllib.request.urlopen(url, timeout=2.0) as response:

@@ -104,10 +104,11 @@ def k8s_settings(namespace: str, **extra) -> dict:
 
 
 def leftovers(kube_cluster, namespace: str) -> list[str]:
-    """Jobs and pods left in ``namespace`` (the store server excepted)."""
+    """Jobs and pods left in ``namespace`` (the store server and the model server excepted)."""
     jobs = [f"job/{j.metadata.name}" for j in kube_cluster.batch.list_namespaced_job(namespace).items]
     pods = [f"pod/{p.metadata.name}" for p in kube_cluster.core.list_namespaced_pod(namespace).items
-            if not p.metadata.name.startswith("mlflowctl-store-") and p.metadata.deletion_timestamp is None]
+            if not p.metadata.name.startswith("mlflowctl-store-") and "-serve-" not in p.metadata.name
+            and p.metadata.deletion_timestamp is None]
     return jobs + pods
 
 

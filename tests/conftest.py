@@ -59,3 +59,23 @@ def docker_client():
     except Exception:  # noqa: BLE001
         pytest.fail("base image python:3.11-slim missing: run scripts/ensure-base-image.sh (make docker)")
     return client
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 endpoint on 127.0.0.1 (moto's server, one request at a time: see tests/s3_server.py).
+
+    Its URL is also put in ``MLFLOWCTL_TEST_S3`` so that processes the tests
+    start (racing registrations, killed uploads) reach the same server.
+    """
+    import s3_server as server
+
+    srv = server.start(serial=True)
+    previous = os.environ.get("MLFLOWCTL_TEST_S3")
+    os.environ["MLFLOWCTL_TEST_S3"] = srv.url
+    yield srv
+    srv.stop()
+    if previous is None:
+        os.environ.pop("MLFLOWCTL_TEST_S3", None)
+    else:
+        os.environ["MLFLOWCTL_TEST_S3"] = previous

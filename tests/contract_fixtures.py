@@ -25,13 +25,45 @@ def local_store(root: Path) -> Any:
     return LocalStore("file://store", {}, fake_project(root))
 
 
+S3_BUCKET = "contract"
+
+
+def s3_store(root: Path) -> Any:
+    """An S3 store on the test server (``MLFLOWCTL_TEST_S3``, set by the ``s3_server`` fixture).
+
+    The prefix is derived from ``root``, so every process given the same
+    root sees the same store, and tests never see each other's objects.
+    """
+    import hashlib
+
+    from mlflowctl_plugins.s3_store import S3Store
+
+    endpoint = os.environ["MLFLOWCTL_TEST_S3"]
+    settings = {"endpoint_url": endpoint, "region": "us-east-1", "access_key_id": "testing",
+                "secret_access_key": "testing", "addressing_style": "path"}
+    store = S3Store(f"s3://{S3_BUCKET}/t-{hashlib.sha256(str(root).encode()).hexdigest()[:12]}",
+                    settings, fake_project(root))
+    client = store.tree.client
+    try:
+        client.head_bucket(Bucket=S3_BUCKET)
+    except Exception:  # noqa: BLE001 - first use of the server
+        try:
+            client.create_bucket(Bucket=S3_BUCKET)
+        except Exception as exc:  # noqa: BLE001 - a racing process created it
+            if "BucketAlready" not in type(exc).__name__ + str(exc):
+                raise
+    return store
+
+
 def local_backend(root: Path) -> Any:
     from mlflowctl_plugins.local_backend import LocalBackend
 
     return LocalBackend({"python": "", "stop_timeout": 5.0}, fake_project(root))
 
 
-STORES: dict[str, Callable[[Path], Any]] = {"file": local_store}
+STORES: dict[str, Callable[[Path], Any]] = {"file": local_store, "s3": s3_store}
+# stores that need a server fixture before their factory runs
+STORE_FIXTURES: dict[str, str] = {"s3": "s3_server"}
 BACKENDS: dict[str, Callable[[Path], Any]] = {"local": local_backend}
 
 if os.environ.get("MLFLOWCTL_CONTRACT_ONLY"):

@@ -517,8 +517,15 @@ class S3Tree:
             return []
         base = self.key(f"{path}/{FILES}") + "/"
         objects, _ = self._list(base)
-        stale = [o["Key"] for o in objects if not o["Key"][len(base):].startswith(f"{marker['upload']}/")]
+        mine = f"{marker['upload']}/"
+        stale = [o["Key"] for o in objects if not o["Key"][len(base):].startswith(mine)]
         self._delete_keys(stale)
+        with self._s3(f"aborting unfinished uploads under {base}"):  # the parts of a killed multipart upload
+            pending = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=base).get("Uploads", [])
+            for up in pending:
+                if not up["Key"][len(base):].startswith(mine):
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
+                    stale.append(up["Key"])
         return sorted({k[len(base):].split("/", 1)[0] for k in stale})
 
     # ------------------------------------------------------- local cache

@@ -148,8 +148,11 @@ class S3Tree:
 
     def __init__(self, client: Any, bucket: str, prefix: str, cache: Path, label: str = "",
                  conditional_writes: str = "auto", multipart_threshold: int = 8 * MB,
-                 multipart_chunksize: int = 8 * MB, max_concurrency: int = 10) -> None:
-        self.client, self.bucket, self.prefix = client, bucket, prefix.strip("/")
+                 multipart_chunksize: int = 8 * MB, max_concurrency: int = 10, remember: bool = False) -> None:
+        # ``client`` may be a callable making the client: then botocore is imported only on first need
+        self._client = client
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.remember = remember
         self.cache = Path(cache)
         self.label = label or f"s3://{bucket}/{self.prefix}".rstrip("/")
         self.conditional_writes = conditional_writes
@@ -158,6 +161,12 @@ class S3Tree:
                                    max_concurrency=max_concurrency)
         self._markers: dict[str, tuple[bytes, dict[str, Any]]] = {}  # path -> marker (immutable once there)
         self._manager: Any = None
+
+    @property
+    def client(self) -> Any:
+        if callable(self._client) and not hasattr(self._client, "meta"):
+            self._client = self._client()
+        return self._client
 
     # ------------------------------------------------------------ plumbing
     def key(self, path: str) -> str:
@@ -267,12 +276,27 @@ class S3Tree:
             self._manager = None
 
     # -------------------------------------------------------------- markers
+    def _seen(self, path: str) -> Path:
+        ident = hashlib.sha256(f"{self.bucket}/{self.key(path)}".encode()).hexdigest()
+        return self.cache / "markers" / ident[:2] / f"{ident}.json"
+
     def marker(self, path: str) -> dict[str, Any] | None:
-        """The completion marker of the published directory ``path`` (one GET, then remembered)."""
+        """The completion marker of the published directory ``path`` (one GET, then remembered).
+
+        With ``remember``, a marker once seen is also kept on disk and trusted
+        by later processes without asking the bucket: a marker is written once
+        and never replaced, so only a result deleted by hand goes unnoticed.
+        """
         path = self._norm(path)
         if path in self._markers:
             return self._markers[path][1]
-        raw = self._get(self.key(f"{path}/{MANIFEST}"))
+        raw = None
+        if self.remember:
+            with contextlib.suppress(OSError):
+                raw = self._seen(path).read_bytes()
+        from_bucket = raw is None
+        if from_bucket:
+            raw = self._get(self.key(f"{path}/{MANIFEST}"))
         if raw is None:
             return None
         try:
@@ -282,7 +306,19 @@ class S3Tree:
         if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
             return None
         self._markers[path] = (raw, data)
+        if from_bucket:
+            self._remember(path, raw)
         return data
+
+    def _remember(self, path: str, raw: bytes) -> None:
+        if not self.remember:
+            return
+        seen = self._seen(path)
+        with contextlib.suppress(OSError):
+            seen.parent.mkdir(parents=True, exist_ok=True)
+            tmp = seen.with_name(f".{seen.name}.{uuid.uuid4().hex[:8]}")
+            tmp.write_bytes(raw)
+            os.replace(tmp, seen)
 
     @staticmethod
     def _ancestors(path: str) -> list[str]:
@@ -400,11 +436,13 @@ class S3Tree:
         with self._s3(f"deleting {norm}"):
             self.client.delete_object(Bucket=self.bucket, Key=self.key(f"{norm}/{MANIFEST}"))
             self._markers.pop(norm, None)
+            self._seen(norm).unlink(missing_ok=True)
             self.client.delete_object(Bucket=self.bucket, Key=self.key(norm))
         objects, _ = self._list(self.key(norm) + "/")
         self._delete_keys([o["Key"] for o in objects])
         for known in [p for p in self._markers if p.startswith(norm + "/")]:
             self._markers.pop(known, None)
+            self._seen(known).unlink(missing_ok=True)
 
     # ------------------------------------------------------------- publish
     def supports_conditional_writes(self) -> bool:
@@ -455,6 +493,7 @@ class S3Tree:
                 self._drop_upload(path, upload)
             return False
         self._markers[path] = (body, data)
+        self._remember(path, body)
         with contextlib.suppress(MlflowctlError):
             self.clean(path)
         self._adopt(src, body, data)
@@ -711,6 +750,8 @@ class S3Store(Store):
         "max_concurrency": Setting(int, 10, "parallel transfers (files and parts)"),
         "multipart_mb": Setting(int, 8, "files above this size go in parts of this size"),
         "connect_timeout": Setting(float, 5.0, "seconds to connect to the endpoint"),
+        "remember_results": Setting(bool, True, "trust a result this machine has seen in the bucket without asking "
+                                    "again (results are never replaced); false: one request per stage check"),
     }
 
     def __init__(self, url: str, settings: dict[str, Any], project: Any) -> None:
@@ -724,7 +765,7 @@ class S3Store(Store):
     def tree(self) -> S3Tree:
         if self._tree is None:
             cfg = self.config
-            client = make_client(
+            client = lambda: make_client(  # noqa: E731 - botocore is imported on the first request only
                 endpoint_url=cfg.get("endpoint_url", ""), region=cfg.get("region", ""),
                 addressing_style=cfg.get("addressing_style", "auto"), verify=cfg.get("verify", True),
                 ca_bundle=cfg.get("ca_bundle", ""), access_key_id=cfg.get("access_key_id", ""),
@@ -735,7 +776,8 @@ class S3Store(Store):
             self._tree = S3Tree(client, self.bucket, self.prefix, Path(self.project.state_dir) / CACHE_DIR,
                                 label=self.url, conditional_writes=cfg.get("conditional_writes", "auto"),
                                 multipart_threshold=part, multipart_chunksize=part,
-                                max_concurrency=int(cfg.get("max_concurrency", 10)))
+                                max_concurrency=int(cfg.get("max_concurrency", 10)),
+                                remember=bool(cfg.get("remember_results", True)))
         return self._tree
 
     def preflight(self) -> None:

@@ -142,9 +142,13 @@ def test_an_unchanged_input_is_downloaded_once(store, s3_server, tmp_path):
     assert downloads == 2
 
     again = fresh()  # a new process on that machine
+    again.tree.remember = False
     calls = count_calls(again)
     again.fetch("results/s/one")
     assert calls == {"GetObject": 1}  # the marker only
+    calls = count_calls(remembering := fresh())
+    remembering.fetch("results/s/one")
+    assert calls == {}  # the marker it has seen before: not even that
 
     assert publish(store, "results/s/two", {"shared.bin": shared, "c.bin": b"new"})
     third = fresh()
@@ -158,18 +162,25 @@ def test_what_a_machine_publishes_it_never_downloads(store):
     calls = count_calls(store)
     assert publish(store, "results/s/k", {"m.bin": b"m" * 1000})
     again = s3_store(Path(store.project.root))  # a new process, same machine
+    again.tree.remember = False
     calls = count_calls(again)
     assert (again.fetch("results/s/k") / "m.bin").read_bytes() == b"m" * 1000
-    assert calls == {"GetObject": 1}
+    assert calls == {"GetObject": 1}  # the marker; the files came from the publish
 
 
 def test_a_published_result_costs_one_request_to_check(store):
     assert publish(store, "results/s/k", {"m.bin": b"1"}, manifest={"stage": "s"})
     reader = s3_store(Path(store.project.root))
+    reader.tree.remember = False
     calls = count_calls(reader)
     assert reader.exists("results/s/k")
     assert reader.read_json(f"results/s/k/{MANIFEST}")["stage"] == "s"
     assert calls == {"GetObject": 1}
+    remembering = s3_store(Path(store.project.root))  # remember_results: true, the default
+    calls = count_calls(remembering)
+    assert remembering.exists("results/s/k") and calls == {}
+    remembering.delete("results/s/k")
+    assert not s3_store(Path(store.project.root)).exists("results/s/k")
 
 
 def test_a_folder_of_versions_is_fetched_as_a_mirror(store):

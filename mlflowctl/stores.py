@@ -95,6 +95,50 @@ class Store(Configurable):
             fh.write("\n")
 
 
+class ReplacingWriter:
+    """What :meth:`Store.open` returns for writing: the target is replaced on a clean close, untouched otherwise.
+
+    A store subclasses it with the file to write into (``fh``) and says how
+    to commit it (``_commit``: rename, upload) and drop it (``_discard``).
+    ``with store.open(p, "w") as fh:`` commits unless the block raised;
+    ``close()`` commits, ``abort()`` drops.
+    """
+
+    def __init__(self, fh: IO[Any]) -> None:
+        self._fh = fh
+        self._done = False
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_fh":
+            raise AttributeError(name)
+        return getattr(self._fh, name)
+
+    def __enter__(self) -> Any:
+        return self._fh
+
+    def __exit__(self, exc_type: Any, *rest: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def close(self) -> None:
+        if not self._done:
+            self._done = True
+            self._commit()
+
+    def abort(self) -> None:
+        if not self._done:
+            self._done = True
+            self._discard()
+
+    def _commit(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _discard(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
 def file_manifest(root: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Sizes and sha256 of every file under ``root`` (the ``_manifest.json`` content)."""
     import hashlib

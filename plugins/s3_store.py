@@ -38,6 +38,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -46,7 +47,7 @@ from typing import IO, Any, Iterator
 from mlflowctl import hookimpl
 from mlflowctl.config import Setting
 from mlflowctl.errors import ConfigError, MlflowctlError, UnavailableError
-from mlflowctl.stores import MANIFEST, Store, file_manifest
+from mlflowctl.stores import MANIFEST, ReplacingWriter, Store, file_manifest
 
 FILES = "_files"          # <path>/_files/<upload-id>/<file>: the uploads of a published directory
 CACHE_DIR = "s3-cache"     # under the project's state folder
@@ -161,11 +162,14 @@ class S3Tree:
                                    max_concurrency=max_concurrency)
         self._markers: dict[str, tuple[bytes, dict[str, Any]]] = {}  # path -> marker (immutable once there)
         self._manager: Any = None
+        self._lock = threading.Lock()  # doit -n runs stages in threads: make the client and manager once
 
     @property
     def client(self) -> Any:
         if callable(self._client) and not hasattr(self._client, "meta"):
-            self._client = self._client()
+            with self._lock:
+                if callable(self._client) and not hasattr(self._client, "meta"):
+                    self._client = self._client()
         return self._client
 
     # ------------------------------------------------------------ plumbing
@@ -263,11 +267,13 @@ class S3Tree:
 
     def manager(self) -> Any:
         """boto3's transfer manager (multipart, parallel) on this client."""
-        if self._manager is None:
-            from boto3.s3.transfer import TransferConfig
-            from s3transfer.manager import TransferManager
+        client = self.client
+        with self._lock:
+            if self._manager is None:
+                from boto3.s3.transfer import TransferConfig
+                from s3transfer.manager import TransferManager
 
-            self._manager = TransferManager(self.client, TransferConfig(use_threads=True, **self._transfer_args))
+                self._manager = TransferManager(client, TransferConfig(use_threads=True, **self._transfer_args))
         return self._manager
 
     def close(self) -> None:
@@ -540,8 +546,12 @@ class S3Tree:
         return False
 
     def _drop_upload(self, path: str, upload: str) -> None:
-        objects, _ = self._list(self.key(f"{path}/{FILES}/{upload}") + "/")
+        folder = self.key(f"{path}/{FILES}/{upload}") + "/"
+        objects, _ = self._list(folder)
         self._delete_keys([o["Key"] for o in objects])
+        with self._s3(f"aborting unfinished uploads under {folder}"):
+            for up in self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=folder).get("Uploads", []):
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
 
     def clean(self, path: str) -> list[str]:
         """Delete the uploads under the published directory ``path`` that its marker does not name.
@@ -566,6 +576,35 @@ class S3Tree:
                     self.client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
                     stale.append(up["Key"])
         return sorted({k[len(base):].split("/", 1)[0] for k in stale})
+
+    def sweep(self, older_than: float = 24 * 3600.0, dry_run: bool = False) -> list[str]:
+        """Delete every upload no marker names, once older than ``older_than`` seconds; returns their folders.
+
+        :meth:`clean` tidies a path when it is published; this finds the
+        uploads of paths nobody published again (a killed run whose inputs
+        changed since). Upload ids start with their start time, so a young
+        upload -- perhaps still running -- is left alone.
+        """
+        base = self.prefix + "/" if self.prefix else ""
+        objects, holders = self._list(base, delimiter=f"/{FILES}/")
+        markers = {o["Key"][len(base):-len(MANIFEST) - 1] for o in objects if o["Key"].endswith(f"/{MANIFEST}")}
+        now_ns, removed = time.time_ns(), []
+        for holder in holders:  # ".../<path>/_files/"
+            path = holder[len(base):-len(f"/{FILES}/")]
+            kept = self.marker(path)["upload"] if path in markers and self.marker(path) else None
+            _, uploads = self._list(holder, delimiter="/")
+            for folder in uploads:
+                upload = folder[len(holder):].rstrip("/")
+                try:
+                    started = int(upload.split("-", 1)[0], 16)
+                except ValueError:
+                    continue  # not one of ours
+                if upload == kept or now_ns - started < older_than * 1e9:
+                    continue
+                removed.append(f"{path}/{FILES}/{upload}")
+                if not dry_run:
+                    self._drop_upload(path, upload)
+        return removed
 
     # ------------------------------------------------------- local cache
     def _blob(self, sha: str) -> Path:
@@ -696,34 +735,21 @@ class S3Tree:
         return mirror
 
 
-class _Writer:
-    """A store file opened for writing: uploaded on a clean close, dropped on an exception."""
+class _Writer(ReplacingWriter):
+    """A small store file written in memory, uploaded in one PUT on a clean close."""
 
     def __init__(self, tree: S3Tree, path: str, mode: str) -> None:
         tree._check_writable(path)
         self._tree, self._path = tree, path
         self._raw = io.BytesIO()
-        self._fh: Any = self._raw if "b" in mode else io.TextIOWrapper(self._raw, encoding="utf-8")
-        self._closed = False
+        super().__init__(self._raw if "b" in mode else io.TextIOWrapper(self._raw, encoding="utf-8"))
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._fh, name)
-
-    def __enter__(self) -> Any:
-        return self._fh
-
-    def __exit__(self, exc_type: Any, *rest: Any) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self._closed = True
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+    def _commit(self) -> None:
         self._fh.flush()
         self._tree.write_bytes(self._path, self._raw.getvalue())
+
+    def _discard(self) -> None:
+        pass
 
 
 class S3Store(Store):
@@ -861,10 +887,20 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("publish", help="publish the local folder SRC at URL; exit 0 also when it was there already")
     p.add_argument("src")
     p.add_argument("url")
+    w = sub.add_parser("sweep", help="delete uploads no result names, older than --hours (default 24)")
+    w.add_argument("url")
+    w.add_argument("--hours", type=float, default=24.0)
+    w.add_argument("--dry-run", action="store_true")
     args = ap.parse_args(argv)
     try:
         bucket, path = parse_url(args.url)
-        tree = S3Tree(make_client(endpoint_url=args.endpoint_url), bucket, "", Path(args.cache), label=args.url)
+        client = make_client(endpoint_url=args.endpoint_url)
+        if args.cmd == "sweep":
+            tree = S3Tree(client, bucket, path, Path(args.cache), label=args.url)
+            for folder in tree.sweep(args.hours * 3600, dry_run=args.dry_run):
+                print(("would remove " if args.dry_run else "removed ") + folder)
+            return 0
+        tree = S3Tree(client, bucket, "", Path(args.cache), label=args.url)
         if args.cmd == "fetch":
             shutil.copytree(tree.fetch(path), args.dest, dirs_exist_ok=True)
         else:

@@ -109,6 +109,24 @@ def test_an_upload_killed_mid_way_is_never_a_result_and_the_next_publish_cleans_
     assert (reader.fetch("results/s/k") / "big.bin").read_bytes() == b"second try"
 
 
+def test_sweep_removes_old_uploads_that_no_marker_names(store, s3_server, tmp_path):
+    import time
+
+    assert publish(store, "results/s/live", {"f": b"kept"})
+    dead = f"{time.time_ns() - 2 * 3600 * 10**9:x}-0123456789ab"  # started two hours ago, never marked
+    src = tmp_path / "dead"
+    src.mkdir()
+    (src / "f").write_bytes(b"half")
+    store.tree._upload_files(src, {"f": {}}, f"results/s/dead/_files/{dead}")
+    assert keys(s3_server, store.tree.key("results/s/dead/"))
+    assert store.tree.sweep(older_than=3 * 3600) == []  # younger than that: perhaps still running
+    assert store.tree.sweep(older_than=3600) == [f"results/s/dead/_files/{dead}"]
+    assert keys(s3_server, store.tree.key("results/s/dead/")) == []
+    other = s3_store(tmp_path / "machine2")  # its own cache ...
+    other.tree.prefix = store.tree.prefix    # ... on the same store
+    assert (other.fetch("results/s/live") / "f").read_bytes() == b"kept"
+
+
 def test_fetch_checks_every_file_against_the_manifest(store, s3_server, tmp_path):
     assert publish(store, "results/s/k", {"model.bin": b"the real bytes"})
     upload = store.tree.marker("results/s/k")["upload"]

@@ -149,11 +149,13 @@ class S3Tree:
 
     def __init__(self, client: Any, bucket: str, prefix: str, cache: Path, label: str = "",
                  conditional_writes: str = "auto", multipart_threshold: int = 8 * MB,
-                 multipart_chunksize: int = 8 * MB, max_concurrency: int = 10, remember: bool = False) -> None:
+                 multipart_chunksize: int = 8 * MB, max_concurrency: int = 10, remember: bool = False,
+                 origin: str = "") -> None:
         # ``client`` may be a callable making the client: then botocore is imported only on first need
         self._client = client
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.remember = remember
+        self.origin = origin  # which server (its endpoint URL): part of what a remembered marker is of
         self.cache = Path(cache)
         self.label = label or f"s3://{bucket}/{self.prefix}".rstrip("/")
         self.conditional_writes = conditional_writes
@@ -201,7 +203,7 @@ class S3Tree:
         if isinstance(exc, MlflowctlError):
             return exc
         code = _code(exc)
-        if code == "NoSuchBucket":
+        if code == "NoSuchBucket" or (code in _MISSING and getattr(exc, "operation_name", "") == "HeadBucket"):
             return UnavailableError(f"{where}: bucket {self.bucket!r} does not exist at {endpoint}",
                                     hint=f"create it (aws s3 mb s3://{self.bucket}) or fix store in mlflowctl.yaml")
         if code in _DENIED:
@@ -283,7 +285,7 @@ class S3Tree:
 
     # -------------------------------------------------------------- markers
     def _seen(self, path: str) -> Path:
-        ident = hashlib.sha256(f"{self.bucket}/{self.key(path)}".encode()).hexdigest()
+        ident = hashlib.sha256(f"{self.origin} {self.bucket}/{self.key(path)}".encode()).hexdigest()
         return self.cache / "markers" / ident[:2] / f"{ident}.json"
 
     def marker(self, path: str) -> dict[str, Any] | None:
@@ -803,7 +805,8 @@ class S3Store(Store):
                                 label=self.url, conditional_writes=cfg.get("conditional_writes", "auto"),
                                 multipart_threshold=part, multipart_chunksize=part,
                                 max_concurrency=int(cfg.get("max_concurrency", 10)),
-                                remember=bool(cfg.get("remember_results", True)))
+                                remember=bool(cfg.get("remember_results", True)),
+                                origin=cfg.get("endpoint_url", "") or "aws")
         return self._tree
 
     def preflight(self) -> None:

@@ -312,3 +312,13 @@ def test_wrong_credentials_are_a_config_error(tmp_path):
         assert good.stdout.strip() == "0", good.stderr  # the same server takes the right keys: it is the keys
     finally:
         srv.stop()
+
+
+def test_preflight_names_a_missing_bucket(s3_server, tmp_path):
+    from mlflowctl_plugins.s3_store import S3Store
+
+    store = S3Store("s3://not-created-here/p", {"endpoint_url": s3_server.url, "access_key_id": "testing",
+                                                "secret_access_key": "testing"}, s3_store(tmp_path).project)
+    with pytest.raises(UnavailableError, match="bucket 'not-created-here' does not exist"):
+        store.preflight()
+    assert "not-created-here" not in buckets(s3_server)

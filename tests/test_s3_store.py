@@ -322,3 +322,32 @@ def test_preflight_names_a_missing_bucket(s3_server, tmp_path):
     with pytest.raises(UnavailableError, match="bucket 'not-created-here' does not exist"):
         store.preflight()
     assert "not-created-here" not in buckets(s3_server)
+
+
+def test_the_same_code_runs_outside_a_project(store, s3_server, tmp_path):
+    """``python -m mlflowctl_plugins.s3_store``: what a pod runs to push an output and pull an input."""
+    out = tmp_path / "pod-out"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "weights.bin").write_bytes(b"w" * 5000)
+    url = f"s3://{S3_BUCKET}/{store.tree.prefix}/results/train/k1"
+    env = {**doit_env(), "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": s3_server.url,
+           "MLFLOWCTL_S3_CACHE": str(tmp_path / "pod-cache")}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "mlflowctl_plugins.s3_store", *args], env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    late = tmp_path / "pod-late"
+    late.mkdir()
+    (late / "other.bin").write_bytes(b"late")
+    first, again = cli("publish", str(out), url), cli("publish", str(late), url)
+    assert (first.returncode, first.stdout.strip()) == (0, "published"), first.stderr
+    assert (again.returncode, again.stdout.strip()) == (0, "already published"), again.stderr
+    assert not out.exists() and (late / "other.bin").is_file()  # the winner's folder is consumed, the loser's kept
+    assert (store.fetch("results/train/k1") / "model" / "weights.bin").read_bytes() == b"w" * 5000
+    pulled = cli("fetch", url, str(tmp_path / "pod-in"))
+    assert pulled.returncode == 0, pulled.stderr
+    assert (tmp_path / "pod-in" / "model" / "weights.bin").read_bytes() == b"w" * 5000
+    missing = cli("fetch", url.replace("k1", "nope"), str(tmp_path / "x"))
+    assert missing.returncode != 0 and len(missing.stderr.strip().splitlines()) == 1, missing.stderr

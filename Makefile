@@ -3,12 +3,13 @@
 #   make demo       set up (venv + data) and run the pipeline, then list models
 #   make test       set up (venv + data + docker) and run the test suite
 #   make bench      set up (venv + data) and run the benchmarks
-#   make venv|data|docker   the individual set-up steps (idempotent, fast when done)
+#   make venv|data|docker|seaweedfs   the individual set-up steps (idempotent, fast when done)
 #   make clean      remove pipeline state (.mlflowctl/)
 #   make distclean  also remove the virtualenv (.venv/)
 #
 # Variables: PYTHON (interpreter for the venv, default python3), PYTEST_ARGS,
-# DOIT_ARGS, NO_DOCKER=1 (make test without starting Docker), BASE_IMAGE.
+# DOIT_ARGS, NO_DOCKER=1 (make test without starting Docker), BASE_IMAGE,
+# NO_SEAWEEDFS=1 (make test without building SeaweedFS: its S3 tests are skipped).
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -30,14 +31,15 @@ FMNIST_PKG  := dataset-fashion-mnist
 PYTEST_ARGS ?=
 DOIT_ARGS   ?=
 NO_DOCKER   ?=
+NO_SEAWEEDFS ?=
 
 export DEBIAN_FRONTEND := noninteractive
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv data docker demo test bench clean distclean
+.PHONY: help venv data docker seaweedfs demo test bench clean distclean
 
 help:
-	@echo "targets: demo test bench venv data docker clean distclean"
+	@echo "targets: demo test bench venv data docker seaweedfs clean distclean"
 	@echo "  e.g. make test PYTEST_ARGS='-k local -x'"
 
 # ---------------------------------------------------------------- venv
@@ -88,13 +90,20 @@ docker:
 	@if [ -n "$(NO_DOCKER)" ]; then echo "docker: skipped (NO_DOCKER set)"; exit 0; fi; \
 	scripts/ensure-docker.sh && scripts/ensure-base-image.sh
 
+# ---------------------------------------------------------------- seaweedfs
+# A second S3 server for the store contract tests, built from its Go module
+# (optional: without Go, or if the build fails, those tests are skipped).
+seaweedfs:
+	@if [ -n "$(NO_SEAWEEDFS)" ]; then echo "seaweedfs: skipped (NO_SEAWEEDFS set)"; exit 0; fi; \
+	scripts/build-seaweedfs.sh
+
 # ---------------------------------------------------------------- main targets
 demo: venv data
 	$(VBIN)/doit -n 2 $(DOIT_ARGS)
 	$(VBIN)/mlflowctl models
 	$(VBIN)/mlflowctl report
 
-test: venv data docker
+test: venv data docker seaweedfs
 	$(VBIN)/pytest -q -ra tests $(PYTEST_ARGS)
 
 bench: venv data

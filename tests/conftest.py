@@ -79,3 +79,31 @@ def s3_server():
         os.environ.pop("MLFLOWCTL_TEST_S3", None)
     else:
         os.environ["MLFLOWCTL_TEST_S3"] = previous
+
+
+SEAWEEDFS_BUILT = REPO / ".cache" / "seaweedfs" / "weed"
+
+
+@pytest.fixture(scope="session")
+def seaweedfs_server(tmp_path_factory):
+    """A second S3 implementation: SeaweedFS's S3 gateway, built from its Go module by ``make seaweedfs``.
+
+    Skipped when no ``weed`` binary is found ($MLFLOWCTL_SEAWEEDFS, .cache/seaweedfs/weed, or PATH).
+    """
+    import shutil as sh
+
+    import s3_server as server
+
+    binary = os.environ.get("MLFLOWCTL_SEAWEEDFS") or (str(SEAWEEDFS_BUILT) if SEAWEEDFS_BUILT.exists() else None) \
+        or sh.which("weed")
+    if not binary:
+        pytest.skip("SeaweedFS not built (make seaweedfs builds it from its Go module)")
+    srv = server.start_seaweedfs(binary, str(tmp_path_factory.mktemp("seaweedfs")))
+    previous = os.environ.get("MLFLOWCTL_TEST_SEAWEEDFS")
+    os.environ["MLFLOWCTL_TEST_SEAWEEDFS"] = srv.url
+    yield srv
+    srv.stop()
+    if previous is None:
+        os.environ.pop("MLFLOWCTL_TEST_SEAWEEDFS", None)
+    else:
+        os.environ["MLFLOWCTL_TEST_SEAWEEDFS"] = previous

@@ -28,7 +28,7 @@ def local_store(root: Path) -> Any:
 S3_BUCKET = "contract"
 
 
-def s3_store(root: Path) -> Any:
+def s3_store(root: Path, endpoint_env: str = "MLFLOWCTL_TEST_S3") -> Any:
     """An S3 store on the test server (``MLFLOWCTL_TEST_S3``, set by the ``s3_server`` fixture).
 
     The prefix is derived from ``root``, so every process given the same
@@ -38,7 +38,7 @@ def s3_store(root: Path) -> Any:
 
     from mlflowctl_plugins.s3_store import S3Store
 
-    endpoint = os.environ["MLFLOWCTL_TEST_S3"]
+    endpoint = os.environ[endpoint_env]
     settings = {"endpoint_url": endpoint, "region": "us-east-1", "access_key_id": "testing",
                 "secret_access_key": "testing", "addressing_style": "path"}
     store = S3Store(f"s3://{S3_BUCKET}/t-{hashlib.sha256(str(root).encode()).hexdigest()[:12]}",
@@ -55,15 +55,20 @@ def s3_store(root: Path) -> Any:
     return store
 
 
+def seaweedfs_store(root: Path) -> Any:
+    """The same, on SeaweedFS's S3 gateway (``MLFLOWCTL_TEST_SEAWEEDFS``, set by ``seaweedfs_server``)."""
+    return s3_store(root, "MLFLOWCTL_TEST_SEAWEEDFS")
+
+
 def local_backend(root: Path) -> Any:
     from mlflowctl_plugins.local_backend import LocalBackend
 
     return LocalBackend({"python": "", "stop_timeout": 5.0}, fake_project(root))
 
 
-STORES: dict[str, Callable[[Path], Any]] = {"file": local_store, "s3": s3_store}
+STORES: dict[str, Callable[[Path], Any]] = {"file": local_store, "s3": s3_store, "s3-seaweedfs": seaweedfs_store}
 # stores that need a server fixture before their factory runs
-STORE_FIXTURES: dict[str, str] = {"s3": "s3_server"}
+STORE_FIXTURES: dict[str, str] = {"s3": "s3_server", "s3-seaweedfs": "seaweedfs_server"}
 BACKENDS: dict[str, Callable[[Path], Any]] = {"local": local_backend}
 
 if os.environ.get("MLFLOWCTL_CONTRACT_ONLY"):

@@ -68,3 +68,41 @@ def start(serial: bool = False, env: dict[str, str] | None = None, timeout: floa
             return S3Server(proc, m.group(1))
     proc.kill()
     raise RuntimeError(f"moto server did not start: {''.join(seen)[-2000:]}")
+
+
+SEAWEEDFS_PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+                   "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc", "debug.port",
+                   "metricsPort")
+
+
+def start_seaweedfs(binary: str, workdir: str, timeout: float = 90.0) -> S3Server:
+    """SeaweedFS's ``weed mini`` (master, volume, filer and S3 gateway in one process), every port a free one."""
+    import socket
+
+    socks = []
+    for _ in SEAWEEDFS_PORTS:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = dict(zip(SEAWEEDFS_PORTS, (s.getsockname()[1] for s in socks)))
+    for s in socks:
+        s.close()
+    os.makedirs(workdir, exist_ok=True)
+    cmd = [binary, "mini", f"-dir={workdir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false",
+           "-admin.port.legacy=0", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+           *(f"-{name}={port}" for name, port in ports.items())]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}  # no credentials: anonymous access
+    log = open(os.path.join(workdir, "weed.log"), "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    server = S3Server(proc, f"http://127.0.0.1:{ports['s3.port']}")
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            server.client().list_buckets()
+            return server
+        except Exception as exc:  # noqa: BLE001 - not up yet
+            last = exc
+            time.sleep(0.5)
+    server.stop()
+    raise RuntimeError(f"SeaweedFS did not start (exit {proc.poll()}, last error {last}); see {workdir}/weed.log")

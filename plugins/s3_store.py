@@ -47,7 +47,7 @@ from typing import IO, Any, Iterator
 from mlflowctl import hookimpl
 from mlflowctl.config import Setting
 from mlflowctl.errors import ConfigError, MlflowctlError, UnavailableError
-from mlflowctl.stores import MANIFEST, ReplacingWriter, Store, file_manifest
+from mlflowctl.stores import MANIFEST, ReplacingWriter, Store, file_manifest, manifest_files
 
 FILES = "_files"          # <path>/_files/<upload-id>/<file>: the uploads of a published directory
 CACHE_DIR = "s3-cache"     # under the project's state folder
@@ -454,7 +454,16 @@ class S3Tree:
 
     # ------------------------------------------------------------- publish
     def supports_conditional_writes(self) -> bool:
-        """Does the endpoint refuse a second ``If-None-Match: *`` PUT? (3 small requests, once)."""
+        """Does the endpoint refuse a second ``If-None-Match: *`` PUT? (3 small requests, once a day).
+
+        A "yes" is kept in the cache folder for a day, for this endpoint and bucket.
+        """
+        known = self.cache / "probes" / (hashlib.sha256(f"{self.origin} {self.bucket}".encode()).hexdigest()[:24]
+                                         + ".conditional")
+        if self._conditional_ok is None:
+            with contextlib.suppress(OSError):
+                if time.time() - known.stat().st_mtime < 24 * 3600:
+                    self._conditional_ok = True
         if self._conditional_ok is None:
             key = self.key(f"{PROBE}/{uuid.uuid4().hex}")
             with self._s3("checking conditional writes"):
@@ -468,6 +477,10 @@ class S3Tree:
                     self._conditional_ok = True
                 finally:
                     self.client.delete_object(Bucket=self.bucket, Key=key)
+            if self._conditional_ok:
+                with contextlib.suppress(OSError):
+                    known.parent.mkdir(parents=True, exist_ok=True)
+                    known.write_text(f"{time.time()}\n")
         return self._conditional_ok
 
     def publish(self, src: Path, path: str, manifest: dict[str, Any] | None = None) -> bool:
@@ -487,10 +500,14 @@ class S3Tree:
         if self.marker(path) is not None:
             return False
         upload = f"{time.time_ns():x}-{uuid.uuid4().hex[:12]}"
-        data = {**file_manifest(src, manifest), "upload": upload}
-        body = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+        rels = [p.relative_to(src).as_posix() for p in manifest_files(src)]
         try:
-            self._upload_files(src, data["files"], f"{path}/{FILES}/{upload}")
+            # the files' sha256 are computed while they upload (hashlib lets the transfer threads run)
+            data = self._upload_files(src, rels, f"{path}/{FILES}/{upload}",
+                                      lambda: {**file_manifest(src, manifest), "upload": upload})
+            if set(data["files"]) != set(rels):
+                raise MlflowctlError(f"store {self.label}: the files of {src} changed while they were published")
+            body = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
             won = self._write_marker(path, body, upload)
         except BaseException:
             with contextlib.suppress(Exception):
@@ -507,17 +524,21 @@ class S3Tree:
         self._adopt(src, body, data)
         return True
 
-    def _upload_files(self, src: Path, files: dict[str, Any], under: str) -> None:
+    def _upload_files(self, src: Path, files: Any, under: str, meanwhile: Any = None) -> Any:
+        """Upload ``src/<rel>`` for each ``rel`` in ``files`` under ``under``; returns ``meanwhile()``, run
+        while the transfers go on."""
         manager = self.manager()
         with self._s3(f"uploading to {under}"):
             futures = [manager.upload(str(src / rel), self.bucket, self.key(f"{under}/{rel}")) for rel in files]
             try:
+                result = meanwhile() if meanwhile else None
                 for future in futures:
                     future.result()
             except BaseException:
                 for future in futures:
                     future.cancel()
                 raise
+        return result
 
     def _write_marker(self, path: str, body: bytes, upload: str) -> bool:
         key = self.key(f"{path}/{MANIFEST}")

@@ -157,3 +157,18 @@ def file_manifest(root: Path, extra: dict[str, Any] | None = None) -> dict[str, 
 def manifest_files(root: Path) -> list[Path]:
     """The files a manifest lists: every file under ``root`` except ``_manifest.json`` files, sorted."""
     return [p for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST]
+
+
+@contextlib.contextmanager
+def staging_dir(base: Path, label: str = "out") -> Iterator[Path]:
+    """A fresh, empty directory under ``base`` (created), removed on exit: the body of most ``staging()``."""
+    import shutil
+    import tempfile
+
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=base))
+    tmp.chmod(0o755)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

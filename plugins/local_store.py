@@ -7,11 +7,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 from mlflowctl import hookimpl
 from mlflowctl.errors import ConfigError, UnavailableError
-from mlflowctl.stores import MANIFEST, ReplacingWriter, Store, file_manifest
+from mlflowctl.stores import MANIFEST, ReplacingWriter, Store, file_manifest, staging_dir
 
 STAGING = ".staging"
 
@@ -114,16 +114,8 @@ class LocalStore(Store):
             raise FileNotFoundError(f"{self.url}: {path} is not a published folder")
         return target
 
-    @contextlib.contextmanager
-    def staging(self, label: str = "out") -> Iterator[Path]:
-        base = self.root / STAGING
-        base.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=base))
-        tmp.chmod(0o755)
-        try:
-            yield tmp
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    def staging(self, label: str = "out") -> contextlib.AbstractContextManager[Path]:
+        return staging_dir(self.root / STAGING, label)
 
     def publish(self, src: Path, path: str, manifest: dict[str, Any] | None = None) -> bool:
         dest = self._path(path)

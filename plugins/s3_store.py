@@ -47,7 +47,7 @@ from typing import IO, Any, Iterator
 from mlflowctl import hookimpl
 from mlflowctl.config import Setting
 from mlflowctl.errors import ConfigError, MlflowctlError, UnavailableError
-from mlflowctl.stores import MANIFEST, ReplacingWriter, Store, file_manifest, manifest_files
+from mlflowctl.stores import MANIFEST, ReplacingWriter, Store, file_manifest, manifest_files, staging_dir
 
 FILES = "_files"          # <path>/_files/<upload-id>/<file>: the uploads of a published directory
 CACHE_DIR = "s3-cache"     # under the project's state folder
@@ -875,16 +875,8 @@ class S3Store(Store):
     def fetch(self, path: str) -> Path:
         return self.tree.fetch(path)
 
-    @contextlib.contextmanager
-    def staging(self, label: str = "out") -> Iterator[Path]:
-        base = Path(self.project.state_dir) / CACHE_DIR / "staging"
-        base.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=base))
-        tmp.chmod(0o755)
-        try:
-            yield tmp
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    def staging(self, label: str = "out") -> contextlib.AbstractContextManager[Path]:
+        return staging_dir(Path(self.project.state_dir) / CACHE_DIR / "staging", label)
 
     def publish(self, src: Path, path: str, manifest: dict[str, Any] | None = None) -> bool:
         return self.tree.publish(src, path, manifest)

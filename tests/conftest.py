@@ -1,6 +1,7 @@
 """Shared fixtures: a fresh project folder per test, and a fresh plugin manager per project."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -61,6 +62,20 @@ def docker_client():
     return client
 
 
+@contextlib.contextmanager
+def exported(var: str, value: str):
+    """``os.environ[var] = value`` for the block (session fixtures cannot use monkeypatch)."""
+    previous = os.environ.get(var)
+    os.environ[var] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = previous
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 endpoint on 127.0.0.1 (moto's server, one request at a time: see tests/s3_server.py).
@@ -71,14 +86,9 @@ def s3_server():
     import s3_server as server
 
     srv = server.start(serial=True)
-    previous = os.environ.get("MLFLOWCTL_TEST_S3")
-    os.environ["MLFLOWCTL_TEST_S3"] = srv.url
-    yield srv
+    with exported("MLFLOWCTL_TEST_S3", srv.url):
+        yield srv
     srv.stop()
-    if previous is None:
-        os.environ.pop("MLFLOWCTL_TEST_S3", None)
-    else:
-        os.environ["MLFLOWCTL_TEST_S3"] = previous
 
 
 SEAWEEDFS_BUILT = REPO / ".cache" / "seaweedfs" / "weed"
@@ -99,11 +109,6 @@ def seaweedfs_server(tmp_path_factory):
     if not binary:
         pytest.skip("SeaweedFS not built (make seaweedfs builds it from its Go module)")
     srv = server.start_seaweedfs(binary, str(tmp_path_factory.mktemp("seaweedfs")))
-    previous = os.environ.get("MLFLOWCTL_TEST_SEAWEEDFS")
-    os.environ["MLFLOWCTL_TEST_SEAWEEDFS"] = srv.url
-    yield srv
+    with exported("MLFLOWCTL_TEST_SEAWEEDFS", srv.url):
+        yield srv
     srv.stop()
-    if previous is None:
-        os.environ.pop("MLFLOWCTL_TEST_SEAWEEDFS", None)
-    else:
-        os.environ["MLFLOWCTL_TEST_SEAWEEDFS"] = previous

@@ -25,6 +25,17 @@ run_simple("127.0.0.1", 0, DomainDispatcherApplication(create_backend_app), thre
 """
 
 
+def _die_with_parent() -> None:
+    """Run in the child before exec: SIGTERM it when the test process dies, even by SIGKILL (Linux)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 @dataclass
 class S3Server:
     proc: subprocess.Popen
@@ -49,7 +60,8 @@ class S3Server:
 def start(serial: bool = False, env: dict[str, str] | None = None, timeout: float = 30.0) -> S3Server:
     cmd = [sys.executable, "-c", SERIAL] if serial else [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"]
     full_env = {**os.environ, "MOTO_PORT": "0", **(env or {})}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=full_env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=full_env,
+                            preexec_fn=_die_with_parent)
     deadline = time.monotonic() + timeout
     seen = []
     while time.monotonic() < deadline:
@@ -93,7 +105,7 @@ def start_seaweedfs(binary: str, workdir: str, timeout: float = 90.0) -> S3Serve
            *(f"-{name}={port}" for name, port in ports.items())]
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}  # no credentials: anonymous access
     log = open(os.path.join(workdir, "weed.log"), "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
     server = S3Server(proc, f"http://127.0.0.1:{ports['s3.port']}")
     deadline = time.monotonic() + timeout
     last: Exception | None = None

@@ -3,7 +3,7 @@
 #   make demo       set up (venv + data) and run the pipeline, then list models
 #   make test       set up (venv + data + docker) and run the test suite
 #   make bench      set up (venv + data) and run the benchmarks
-#   make venv|data|docker|cluster   the individual set-up steps (idempotent, fast when done)
+#   make venv|data|docker|seaweedfs|cluster   the individual set-up steps (idempotent, fast when done)
 #   make cluster    build (once, cached) and start the single-node test Kubernetes (tests/cluster/)
 #   make cluster-down  stop it, leaving no process, mount, link, iptables rule or sysctl behind
 #   make clean      remove pipeline state (.mlflowctl/)
@@ -12,6 +12,7 @@
 # Variables: PYTHON (interpreter for the venv, default python3), PYTEST_ARGS,
 # DOIT_ARGS, NO_DOCKER=1 (make test without starting Docker), NO_CLUSTER=1 (make test without
 # the test Kubernetes: its tests then skip, or fail under CI=true), BASE_IMAGE.
+# NO_SEAWEEDFS=1 (make test without building SeaweedFS: its S3 tests are skipped).
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -34,14 +35,16 @@ PYTEST_ARGS ?=
 DOIT_ARGS   ?=
 NO_DOCKER   ?=
 NO_CLUSTER  ?=
+NO_SEAWEEDFS ?=
 
 export DEBIAN_FRONTEND := noninteractive
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv data docker cluster cluster-down demo test bench clean distclean
+
+.PHONY: help venv data docker seaweedfs cluster cluster-down demo test bench clean distclean
 
 help:
-	@echo "targets: demo test bench venv data docker cluster cluster-down clean distclean"
+	@echo "targets: demo test bench venv data docker seaweedfs cluster cluster-down clean distclean"
 	@echo "  e.g. make test PYTEST_ARGS='-k local -x'"
 
 # ---------------------------------------------------------------- venv
@@ -101,13 +104,20 @@ cluster:
 cluster-down:
 	scripts/ensure-cluster.sh down
 
+# ---------------------------------------------------------------- seaweedfs
+# A second S3 server for the store contract tests, built from its Go module
+# (optional: without Go, or if the build fails, those tests are skipped).
+seaweedfs:
+	@if [ -n "$(NO_SEAWEEDFS)" ]; then echo "seaweedfs: skipped (NO_SEAWEEDFS set)"; exit 0; fi; \
+	scripts/build-seaweedfs.sh
+
 # ---------------------------------------------------------------- main targets
 demo: venv data
 	$(VBIN)/doit -n 2 $(DOIT_ARGS)
 	$(VBIN)/mlflowctl models
 	$(VBIN)/mlflowctl report
 
-test: venv data docker cluster
+test: venv data docker seaweedfs cluster
 	$(VBIN)/pytest -q -ra tests $(PYTEST_ARGS)
 
 bench: venv data

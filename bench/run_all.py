@@ -1,6 +1,6 @@
 """Run every benchmark in sequence (each a subprocess with a time limit) and print one summary table.
 
-Usage: .venv/bin/python bench/run_all.py [--only startup,noop,data,local_backend] [--no-dvc]
+Usage: .venv/bin/python bench/run_all.py [--only startup,noop,data,local_backend,s3] [--no-dvc]
 (``make bench`` runs it.) Figures are printed, never asserted: the verdict
 column says ok/over against the issue's targets; the exit code is 0 unless a
 benchmark crashed or timed out.
@@ -24,6 +24,7 @@ BENCHES = (
     ("noop", "bench_noop.py", 1200),
     ("data", "bench_data.py", 300),
     ("local_backend", "bench_local_backend.py", 1500),
+    ("s3", "bench_s3.py", 900),
 )
 
 

@@ -15,12 +15,16 @@ MANIFEST = "_manifest.json"
 def file_manifest(root: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Sizes and sha256 of every file under ``root`` (the ``_manifest.json`` content)."""
     files = {}
-    for p in sorted(Path(root).rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            h = hashlib.sha256()
-            with open(p, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-            files[p.relative_to(root).as_posix()] = {"bytes": p.stat().st_size, "sha256": h.hexdigest()}
+    for p in manifest_files(Path(root)):
+        h = hashlib.sha256()
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        files[p.relative_to(root).as_posix()] = {"bytes": p.stat().st_size, "sha256": h.hexdigest()}
     digest = hashlib.sha256(repr(sorted((k, v["sha256"]) for k, v in files.items())).encode()).hexdigest()
     return {**(extra or {}), "files": files, "digest": digest}
+
+
+def manifest_files(root: Path) -> list[Path]:
+    """The files a manifest lists: every file under ``root`` except ``_manifest.json`` files, sorted."""
+    return [p for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST]

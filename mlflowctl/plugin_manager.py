@@ -26,6 +26,7 @@ BUILTIN_PLUGINS = (
     "mlflowctl_plugins.local_backend",
     "mlflowctl_plugins.docker_backend",
     "mlflowctl_plugins.local_store",
+    "mlflowctl_plugins.s3_store",
     "mlflowctl_plugins.local_serving",
     "mlflowctl_plugins.k8s_backend",
     "mlflowctl_plugins.pvc_store",

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import IO, Any, ClassVar, Iterator
 
 from mlflowctl.config import Configurable
-from mlflowctl.manifest import MANIFEST, file_manifest  # noqa: F401 - part of the store contract
+from mlflowctl.manifest import MANIFEST, file_manifest, manifest_files  # noqa: F401 - part of the store contract
 
 
 class Store(Configurable):
@@ -125,3 +125,62 @@ class Store(Configurable):
         with self.open(path, "w") as fh:
             json.dump(data, fh, indent=2, sort_keys=True)
             fh.write("\n")
+
+
+class ReplacingWriter:
+    """What :meth:`Store.open` returns for writing: the target is replaced on a clean close, untouched otherwise.
+
+    A store subclasses it with the file to write into (``fh``) and says how
+    to commit it (``_commit``: rename, upload) and drop it (``_discard``).
+    ``with store.open(p, "w") as fh:`` commits unless the block raised;
+    ``close()`` commits, ``abort()`` drops.
+    """
+
+    def __init__(self, fh: IO[Any]) -> None:
+        self._fh = fh
+        self._done = False
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_fh":
+            raise AttributeError(name)
+        return getattr(self._fh, name)
+
+    def __enter__(self) -> Any:
+        return self._fh
+
+    def __exit__(self, exc_type: Any, *rest: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def close(self) -> None:
+        if not self._done:
+            self._done = True
+            self._commit()
+
+    def abort(self) -> None:
+        if not self._done:
+            self._done = True
+            self._discard()
+
+    def _commit(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _discard(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@contextlib.contextmanager
+def staging_dir(base: Path, label: str = "out") -> Iterator[Path]:
+    """A fresh, empty directory under ``base`` (created), removed on exit: the body of most ``staging()``."""
+    import shutil
+    import tempfile
+
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=base))
+    tmp.chmod(0o755)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

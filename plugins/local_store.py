@@ -7,36 +7,31 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 from mlflowctl import hookimpl
 from mlflowctl.errors import ConfigError, UnavailableError
-from mlflowctl.stores import MANIFEST, Store, file_manifest
+from mlflowctl.stores import MANIFEST, ReplacingWriter, Store, file_manifest, staging_dir
 
 STAGING = ".staging"
 
 
-class _AtomicWriter:
-    """A file object that replaces its target on a clean close, and vanishes otherwise."""
+class _AtomicWriter(ReplacingWriter):
+    """A temporary file beside the target, renamed over it on a clean close."""
 
     def __init__(self, target: Path, mode: str) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, self._tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-        self._fh = os.fdopen(fd, mode)
+        super().__init__(os.fdopen(fd, mode))
         self._target = target
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._fh, name)
-
-    def __enter__(self) -> Any:
-        return self._fh
-
-    def __exit__(self, exc_type: Any, *rest: Any) -> None:
+    def _commit(self) -> None:
         self._fh.close()
-        if exc_type is None:
-            os.replace(self._tmp, self._target)
-        else:
-            os.unlink(self._tmp)
+        os.replace(self._tmp, self._target)
+
+    def _discard(self) -> None:
+        self._fh.close()
+        os.unlink(self._tmp)
 
 
 class LocalStore(Store):
@@ -119,16 +114,8 @@ class LocalStore(Store):
             raise FileNotFoundError(f"{self.url}: {path} is not a published folder")
         return target
 
-    @contextlib.contextmanager
-    def staging(self, label: str = "out") -> Iterator[Path]:
-        base = self.root / STAGING
-        base.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=base))
-        tmp.chmod(0o755)
-        try:
-            yield tmp
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    def staging(self, label: str = "out") -> contextlib.AbstractContextManager[Path]:
+        return staging_dir(self.root / STAGING, label)
 
     def publish(self, src: Path, path: str, manifest: dict[str, Any] | None = None) -> bool:
         dest = self._path(path)

@@ -1,6 +1,7 @@
 """Shared fixtures: a fresh project folder per test, and a fresh plugin manager per project."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -61,3 +62,55 @@ def docker_client():
     except Exception:  # noqa: BLE001
         pytest.fail("base image python:3.11-slim missing: run scripts/ensure-base-image.sh (make docker)")
     return client
+
+
+@contextlib.contextmanager
+def exported(var: str, value: str):
+    """``os.environ[var] = value`` for the block (session fixtures cannot use monkeypatch)."""
+    previous = os.environ.get(var)
+    os.environ[var] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = previous
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 endpoint on 127.0.0.1 (moto's server, one request at a time: see tests/s3_server.py).
+
+    Its URL is also put in ``MLFLOWCTL_TEST_S3`` so that processes the tests
+    start (racing registrations, killed uploads) reach the same server.
+    """
+    import s3_server as server
+
+    srv = server.start(serial=True)
+    with exported("MLFLOWCTL_TEST_S3", srv.url):
+        yield srv
+    srv.stop()
+
+
+SEAWEEDFS_BUILT = REPO / ".cache" / "seaweedfs" / "weed"
+
+
+@pytest.fixture(scope="session")
+def seaweedfs_server(tmp_path_factory):
+    """A second S3 implementation: SeaweedFS's S3 gateway, built from its Go module by ``make seaweedfs``.
+
+    Skipped when no ``weed`` binary is found ($MLFLOWCTL_SEAWEEDFS, .cache/seaweedfs/weed, or PATH).
+    """
+    import shutil as sh
+
+    import s3_server as server
+
+    binary = os.environ.get("MLFLOWCTL_SEAWEEDFS") or (str(SEAWEEDFS_BUILT) if SEAWEEDFS_BUILT.exists() else None) \
+        or sh.which("weed")
+    if not binary:
+        pytest.skip("SeaweedFS not built (make seaweedfs builds it from its Go module)")
+    srv = server.start_seaweedfs(binary, str(tmp_path_factory.mktemp("seaweedfs")))
+    with exported("MLFLOWCTL_TEST_SEAWEEDFS", srv.url):
+        yield srv
+    srv.stop()

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from contract_fixtures import STORES
+from contract_fixtures import STORE_FIXTURES, STORES
 from mlflowctl.stores import MANIFEST
 
 
 @pytest.fixture(params=sorted(STORES))
 def store(request, tmp_path):
-    if request.param == "pvc":
-        request.getfixturevalue("kube_cluster")  # skipped (or, under CI, failed) without the test cluster
+    if request.param in STORE_FIXTURES:
+        request.getfixturevalue(STORE_FIXTURES[request.param])
     s = STORES[request.param](tmp_path)
     s.preflight()
     return s

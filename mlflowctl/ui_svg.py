@@ -235,7 +235,8 @@ def drift_chart(points: Sequence[dict[str, Any]], max_rate: float | None, live: 
                      for i, p in enumerate(series))
         out.append(f'<path class="report-line" d="{d}"/>')
     for p in series:
-        cls = "report-point" + (" over" if max_rate is not None and p["rate"] > max_rate else "")
+        limit = p["max_rate"] if isinstance(p.get("max_rate"), (int, float)) else max_rate  # the run's own limit
+        cls = "report-point" + (" over" if limit is not None and p["rate"] > limit else "")
         cls += " on-demand" if p.get("source") == "on-demand" else ""
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p["time"]))
         out.append(f'<circle class="{cls}" cx="{_f(fr.x(p["time"]))}" cy="{_f(fr.y(p["rate"]))}" r="5">'

@@ -24,6 +24,7 @@ BENCHES = (
     ("noop", "bench_noop.py", 1200),
     ("data", "bench_data.py", 300),
     ("local_backend", "bench_local_backend.py", 1500),
+    ("ui", "bench_ui.py", 300),
 )
 
 

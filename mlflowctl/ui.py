@@ -18,7 +18,6 @@ from __future__ import annotations
 import calendar
 import json
 import math
-import os
 import threading
 import time
 from collections import deque
@@ -31,6 +30,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 from mlflowctl import ui_svg
 from mlflowctl.errors import MlflowctlError, UnavailableError
 from mlflowctl.pipeline import Pipeline, Stage, digest_json
+from mlflowctl.state import pid_alive
 from mlflowctl.stores import MANIFEST
 
 DEFAULT_PORT = 8765
@@ -79,21 +79,6 @@ def parse_when(text: Any) -> float | None:
         return float(calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ")))
     except ValueError:
         return None
-
-
-def _pid_alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped) is not running
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] != "Z"
-    except OSError:
-        return True
 
 
 def _read_local_json(path: Path) -> Any:
@@ -293,7 +278,7 @@ class Dashboard:
                 break
         if manifest:
             view.update(duration=_num(manifest.get("duration")), finished_at=_num(manifest.get("finished_at")))
-        if run.get("state") == "running" and _pid_alive(run.get("pid")):
+        if run.get("state") == "running" and pid_alive(run.get("pid")):
             started = _num(run.get("started_at"))
             view.update(state="running", reasons=[f"running since {fmt_time(started)}"] if started else [],
                         duration=(time.time() - started) if started else None, running_key=run.get("key"))

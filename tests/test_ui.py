@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import threading
@@ -24,7 +23,7 @@ from mlflowctl import ui, ui_svg
 from mlflowctl.pipeline import Pipeline
 from mlflowctl.project import Project
 from test_pipeline import CONSUME, PRODUCE, STAGES
-from ui_fixtures import make_state
+from ui_fixtures import Ui, make_state
 
 MLFLOWCTL = str(VENV_BIN / "mlflowctl")
 
@@ -288,12 +287,6 @@ def test_host_header_and_read_only(server):
 
 
 # ---------------------------------------------------------------- the command
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_port_in_use_is_one_line_and_exit_5(project_dir):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -311,22 +304,13 @@ def test_port_in_use_is_one_line_and_exit_5(project_dir):
 
 
 def test_ui_prints_its_url_serves_and_stops_cleanly_on_ctrl_c(project_dir):
-    proc = subprocess.Popen([MLFLOWCTL, "-C", str(project_dir), "ui", "--port", "0"], env=doit_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ui_proc = Ui(project_dir)
     try:
-        line = proc.stdout.readline()
-        match = re.match(r"mlflowctl ui: (http://127\.0\.0\.1:(\d+)/) ", line)
-        assert match, line
-        r = requests.get(match.group(1), timeout=30)
+        r = requests.get(ui_proc.url, timeout=30)
         assert r.status_code == 200 and "nothing has run; run `doit`" in r.text
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, err
-    assert "Traceback" not in err and err.strip() == "mlflowctl ui: stopped"
+        err = ui_proc.stop()
+    assert err.strip() == "mlflowctl ui: stopped"
 
 
 def test_help_does_not_import_the_ui():

@@ -16,7 +16,6 @@ import json
 import os
 import random
 import re
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import requests
 
 from conftest import VENV_BIN, doit_env, make_project
 from test_e2e import SMALL, doit, free_port, mlflowctl
+from ui_fixtures import Ui
 
 pytestmark = pytest.mark.slow
 
@@ -74,30 +74,6 @@ class Page:
 
     def close(self) -> None:
         self.context.close()
-
-
-class Ui:
-    """``mlflowctl ui --port 0`` as a user starts it; stopped with Ctrl-C."""
-
-    def __init__(self, root: Path, *overrides: str) -> None:
-        self.proc = subprocess.Popen([str(VENV_BIN / "mlflowctl"), "-C", str(root), "ui", "--port", "0", *overrides],
-                                     env=doit_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline()
-        match = re.match(r"mlflowctl ui: (http://127\.0\.0\.1:\d+/) ", line)
-        if not match:
-            self.proc.kill()
-            raise AssertionError(f"no URL from mlflowctl ui: {line!r} {self.proc.communicate()[1]}")
-        self.url = match.group(1)
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            _, err = self.proc.communicate(timeout=30)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-        assert self.proc.returncode == 0 and "Traceback" not in err, err
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -111,3 +114,31 @@ def make_state(root: Path, **kw: Any) -> dict[str, Any]:
     from mlflowctl.cli import load_pipeline
 
     return synthesize(load_pipeline(root, {}), **kw)
+
+
+class Ui:
+    """``mlflowctl ui --port 0`` as a user starts it; stopped with Ctrl-C."""
+
+    def __init__(self, root: Path, *overrides: str) -> None:
+        from conftest import VENV_BIN, doit_env
+
+        self.proc = subprocess.Popen([str(VENV_BIN / "mlflowctl"), "-C", str(root), "ui", "--port", "0", *overrides],
+                                     env=doit_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        match = re.match(r"mlflowctl ui: (http://127\.0\.0\.1:\d+/) ", line)
+        if not match:
+            self.proc.kill()
+            raise AssertionError(f"no URL from mlflowctl ui: {line!r} {self.proc.communicate()[1]}")
+        self.url = match.group(1)
+
+    def stop(self) -> str:
+        """Ctrl-C; asserts a clean exit (0, no traceback) and returns its stderr."""
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            _, err = self.proc.communicate(timeout=30)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        assert self.proc.returncode == 0 and "Traceback" not in err, err
+        return err

@@ -229,7 +229,8 @@ class Dashboard:
         versions, versions_error = self._section(lambda: self.versions_view(serving), {"rows": [], "labels": {}})
         drift, drift_error = self._section(lambda: self.drift_view(versions, serving, version),
                                            {"points": [], "live": [], "reports": [], "histogram": None})
-        ran = any(s.get("has_run") for s in stages) or bool(versions.get("rows"))
+        # a shared store may hold results this machine never ran: those count too
+        ran = any(s.get("has_run") or s.get("state") != "stale" for s in stages) or bool(versions.get("rows"))
         state = {
             "project": project.name, "model": project.model_name, "store": str(project.store.url),
             "backend": project.config["backend"], "serving_target": project.config["serving"]["target"],

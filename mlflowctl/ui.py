@@ -184,6 +184,7 @@ class Dashboard:
         try:
             self.project = Project(self.root, self.overrides)
             self.config_error = None
+            self._immutable.clear()  # the store may be another one now
         except MlflowctlError as exc:  # keep showing the last good config, say what is wrong
             self.config_error = f"{exc} — showing the last valid configuration"
 

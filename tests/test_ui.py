@@ -143,6 +143,26 @@ def test_stage_states_follow_real_runs_and_a_changed_param_shows_its_reason(tiny
     assert "consumer exploded" in text and source.endswith("consume.log")
 
 
+def test_a_config_edit_is_picked_up_and_a_broken_one_is_shown(tiny):
+    dash = ui.Dashboard(tiny, {}, loader=tiny_loader)
+    assert by_name(dash.state())["produce"]["reasons"] == ["never run with this store"]
+    tiny_loader(tiny, {}).run("produce")
+    config = tiny / "mlflowctl.yaml"
+    config.write_text("train_model:\n  learning_rate: 0.05\n")
+    time.sleep(ui.STATE_TTL)
+    assert by_name(dash.state())["produce"]["reasons"] == ["param learning_rate changed: 0.01 -> 0.05"]
+    config.write_text("train_model: [1, 2\n")
+    time.sleep(ui.STATE_TTL)
+    state = dash.state()
+    assert "not valid YAML" in state["config_error"] and "showing the last valid configuration" in state["config_error"]
+    assert len(state["pipeline"]["stages"]) == 3
+    assert "not valid YAML" in ui.Renderer().page(state)
+    config.write_text("train_model:\n  learning_rate: 0.01\n")
+    time.sleep(ui.STATE_TTL)
+    state = dash.state()
+    assert state["config_error"] is None and by_name(state)["produce"]["state"] == "fresh"
+
+
 def test_a_running_stage_and_an_interrupted_one(tiny):
     pipeline = tiny_loader(tiny, {})
     path = pipeline.run_state_path("produce")

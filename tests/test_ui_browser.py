@@ -24,6 +24,7 @@ import pytest
 import requests
 
 from conftest import VENV_BIN, doit_env, make_project
+from mlflowctl.ui import POLL_SECONDS as POLL
 from test_e2e import SMALL, doit, free_port, mlflowctl
 from ui_fixtures import Ui
 
@@ -245,21 +246,26 @@ def test_the_page_follows_doit_without_reloading(state, browser):
         p.evaluate("window.__marker = 'no reload'")
         updates = int(p.evaluate("document.body.dataset.updates || '0'"))
         config = root / "mlflowctl.yaml"
-        config.write_text(config.read_text().replace("samples: 300", "samples: 200"))
+        config.write_text(config.read_text().replace("samples: 300", "samples: 6000"))
         p.wait_for_selector('tr#stage-integration_test[data-state="stale"]', timeout=30000)
-        assert "param samples changed: 300 -> 200" in page.row("integration_test").inner_text()
+        assert "param samples changed: 300 -> 6000" in page.row("integration_test").inner_text()
         assert page.states()["promote"] == "stale" and page.states()["data"] == "fresh"
         run = subprocess.Popen([str(VENV_BIN / "doit"), "integration_test"], cwd=root, env=doit_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        seen = set()
-        deadline = time.monotonic() + 300
+        started, seen, took = time.monotonic(), set(), None
+        deadline = started + 300
         while time.monotonic() < deadline:
             seen.add(page.row("integration_test").get_attribute("data-state"))
-            if run.poll() is not None and "fresh" in seen:
-                break
+            if run.poll() is not None:
+                took = took or time.monotonic() - started
+                if "fresh" in seen:
+                    break
             p.wait_for_timeout(200)
         output = run.communicate(timeout=60)[0]
         assert run.returncode == 0, output
+        assert took is not None, seen
+        if took > 2 * POLL + 1:  # long enough for the page to have seen it run (it usually is)
+            assert "running" in seen, (took, seen)
         p.wait_for_selector('tr#stage-integration_test[data-state="fresh"]', timeout=30000)
         assert "input integration_test has a new result" in page.row("promote").inner_text()
         assert p.evaluate("window.__marker") == "no reload"

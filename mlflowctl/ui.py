@@ -776,6 +776,15 @@ def serve(root: Path, overrides: dict[str, str], port: int = DEFAULT_PORT,
                                    hint="pick another with mlflowctl ui --port N (0: any free port)") from None
         raise UnavailableError(f"ui: cannot listen on {HOST}:{port}: {exc.strerror or exc}",
                                hint="pick another with mlflowctl ui --port N") from None
+    import signal
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C even when started in the background of a script (SIGINT ignored there), and SIGTERM alike
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
     say = announce or (lambda text: print(text, flush=True))
     say(f"mlflowctl ui: {server.url}  (project {dashboard.project.name}, store {dashboard.store.url}; Ctrl-C stops it)")
     try:

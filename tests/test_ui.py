@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import threading
@@ -331,6 +332,11 @@ def test_ui_prints_its_url_serves_and_stops_cleanly_on_ctrl_c(project_dir):
     finally:
         err = ui_proc.stop()
     assert err.strip() == "mlflowctl ui: stopped"
+    # SIGTERM (a service manager, kill) stops it the same way
+    ui_proc = Ui(project_dir)
+    ui_proc.proc.send_signal(signal.SIGTERM)
+    _, err = ui_proc.proc.communicate(timeout=30)
+    assert ui_proc.proc.returncode == 0 and err.strip() == "mlflowctl ui: stopped", err
 
 
 def test_help_does_not_import_the_ui():

@@ -781,13 +781,14 @@ def serve(root: Path, overrides: dict[str, str], port: int = DEFAULT_PORT,
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    if threading.current_thread() is threading.main_thread():
-        # Ctrl-C even when started in the background of a script (SIGINT ignored there), and SIGTERM alike
-        signal.signal(signal.SIGINT, stop)
-        signal.signal(signal.SIGTERM, stop)
     say = announce or (lambda text: print(text, flush=True))
-    say(f"mlflowctl ui: {server.url}  (project {dashboard.project.name}, store {dashboard.store.url}; Ctrl-C stops it)")
-    try:
+    try:  # from here on, Ctrl-C is a clean stop
+        if threading.current_thread() is threading.main_thread():
+            # Ctrl-C even when started in the background of a script (SIGINT ignored there), and SIGTERM alike
+            signal.signal(signal.SIGINT, stop)
+            signal.signal(signal.SIGTERM, stop)
+        say(f"mlflowctl ui: {server.url}  (project {dashboard.project.name}, store {dashboard.store.url}; "
+            "Ctrl-C stops it)")
         server.serve_forever(poll_interval=0.25)
     except KeyboardInterrupt:
         print("mlflowctl ui: stopped", file=sys.stderr, flush=True)

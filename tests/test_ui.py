@@ -23,7 +23,7 @@ from conftest import VENV_BIN, doit_env, make_project
 from mlflowctl import ui, ui_svg
 from mlflowctl.pipeline import Pipeline
 from mlflowctl.project import Project
-from test_pipeline import CONSUME, PRODUCE, STAGES
+from test_pipeline import CONSUME, STAGES, root  # noqa: F401 - the fixture: a folder with tiny stage scripts
 from ui_fixtures import Ui, make_state
 
 MLFLOWCTL = str(VENV_BIN / "mlflowctl")
@@ -89,15 +89,6 @@ def test_curl_command_and_input_width():
 
 
 # ---------------------------------------------------------------- state from real runs (tiny stages)
-@pytest.fixture
-def tiny(tmp_path: Path) -> Path:
-    (tmp_path / "image").mkdir()
-    (tmp_path / "image" / "produce.py").write_text(PRODUCE)
-    (tmp_path / "image" / "consume.py").write_text(CONSUME)
-    (tmp_path / "mlflowctl.yaml").write_text("train_model:\n  learning_rate: 0.01\n")
-    return tmp_path
-
-
 def tiny_loader(root: Path, overrides: dict) -> Pipeline:
     return Pipeline(Project(root, overrides), STAGES)
 
@@ -106,8 +97,8 @@ def by_name(state: dict) -> dict:
     return {s["name"]: s for s in state["pipeline"]["stages"]}
 
 
-def test_nothing_has_run_yet(tiny):
-    state = ui.Dashboard(tiny, {}, loader=tiny_loader).state()
+def test_nothing_has_run_yet(root):
+    state = ui.Dashboard(root, {}, loader=tiny_loader).state()
     assert state["nothing_has_run"] is True
     stages = by_name(state)
     assert stages["produce"]["state"] == "stale" and stages["produce"]["reasons"] == ["never run with this store"]
@@ -116,25 +107,25 @@ def test_nothing_has_run_yet(tiny):
     assert "nothing has run; run `doit`" in html and 'id="no-versions"' in html and 'id="no-reports"' in html
 
 
-def test_stage_states_follow_real_runs_and_a_changed_param_shows_its_reason(tiny, monkeypatch):
-    pipeline = tiny_loader(tiny, {})
+def test_stage_states_follow_real_runs_and_a_changed_param_shows_its_reason(root, monkeypatch):
+    pipeline = tiny_loader(root, {})
     pipeline.run("produce")
     pipeline.run("consume")
-    dash = ui.Dashboard(tiny, {}, loader=tiny_loader)
+    dash = ui.Dashboard(root, {}, loader=tiny_loader)
     stages = by_name(dash.state())
     assert stages["produce"]["state"] == stages["consume"]["state"] == "fresh"
     assert stages["other"]["state"] == "stale"
     assert stages["produce"]["key"] == pipeline.resolve(pipeline.stages["produce"]).key
     assert isinstance(stages["produce"]["duration"], float) and stages["produce"]["runs"] == 1
-    changed = by_name(ui.Dashboard(tiny, {"train_model.learning_rate": "0.02"}, loader=tiny_loader).state())
+    changed = by_name(ui.Dashboard(root, {"train_model.learning_rate": "0.02"}, loader=tiny_loader).state())
     assert changed["produce"]["state"] == "stale"
     assert changed["produce"]["reasons"] == ["param learning_rate changed: 0.01 -> 0.02"]
     assert changed["consume"]["reasons"] == ["input produce will change first"]
     # a failed run of the current key shows as failed, with the error
     monkeypatch.setenv("FAIL_CONSUME", "1")
-    (tiny / "image" / "consume.py").write_text(CONSUME + "\n# changed\n")
+    (root / "image" / "consume.py").write_text(CONSUME + "\n# changed\n")
     with pytest.raises(Exception):
-        tiny_loader(tiny, {}).run("consume")
+        tiny_loader(root, {}).run("consume")
     time.sleep(ui.STATE_TTL)
     failed = by_name(dash.state())["consume"]
     assert failed["state"] == "failed" and "consumer exploded" in failed["error"]
@@ -144,11 +135,11 @@ def test_stage_states_follow_real_runs_and_a_changed_param_shows_its_reason(tiny
     assert "consumer exploded" in text and source.endswith("consume.log")
 
 
-def test_a_config_edit_is_picked_up_and_a_broken_one_is_shown(tiny):
-    dash = ui.Dashboard(tiny, {}, loader=tiny_loader)
+def test_a_config_edit_is_picked_up_and_a_broken_one_is_shown(root):
+    dash = ui.Dashboard(root, {}, loader=tiny_loader)
     assert by_name(dash.state())["produce"]["reasons"] == ["never run with this store"]
-    tiny_loader(tiny, {}).run("produce")
-    config = tiny / "mlflowctl.yaml"
+    tiny_loader(root, {}).run("produce")
+    config = root / "mlflowctl.yaml"
     config.write_text("train_model:\n  learning_rate: 0.05\n")
     time.sleep(ui.STATE_TTL)
     assert by_name(dash.state())["produce"]["reasons"] == ["param learning_rate changed: 0.01 -> 0.05"]
@@ -164,13 +155,13 @@ def test_a_config_edit_is_picked_up_and_a_broken_one_is_shown(tiny):
     assert state["config_error"] is None and by_name(state)["produce"]["state"] == "fresh"
 
 
-def test_a_running_stage_and_an_interrupted_one(tiny):
-    pipeline = tiny_loader(tiny, {})
+def test_a_running_stage_and_an_interrupted_one(root):
+    pipeline = tiny_loader(root, {})
     path = pipeline.run_state_path("produce")
     path.parent.mkdir(parents=True, exist_ok=True)
     key = pipeline.resolve(pipeline.stages["produce"]).key
     path.write_text(json.dumps({"state": "running", "pid": os.getpid(), "key": key, "started_at": time.time() - 5}))
-    dash = ui.Dashboard(tiny, {}, loader=tiny_loader)
+    dash = ui.Dashboard(root, {}, loader=tiny_loader)
     running = by_name(dash.state())["produce"]
     assert running["state"] == "running" and running["duration"] >= 5 and running["label"] == "running"
     dead = subprocess.Popen(["true"])
@@ -181,8 +172,8 @@ def test_a_running_stage_and_an_interrupted_one(tiny):
     assert gone["state"] == "stale" and "its last run was interrupted" in gone["reasons"]
 
 
-def test_run_state_records_written_by_the_pipeline(tiny, monkeypatch):
-    pipeline = tiny_loader(tiny, {})
+def test_run_state_records_written_by_the_pipeline(root, monkeypatch):
+    pipeline = tiny_loader(root, {})
     pipeline.run("produce")
     record = json.loads(pipeline.run_state_path("produce").read_text())
     assert record["state"] == "succeeded" and record["pid"] == os.getpid() and record["duration"] >= 0

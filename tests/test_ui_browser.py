@@ -11,6 +11,7 @@ Set ``MLFLOWCTL_UI_SCREENSHOT=docs/ui.png`` to write the README's screenshot.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -77,6 +78,20 @@ class Page:
         self.context.close()
 
 
+@contextlib.contextmanager
+def served(browser, root: Path, *overrides: str):
+    """``mlflowctl ui`` on ``root`` and a browser page on it; both closed afterwards (Ctrl-C for the ui)."""
+    ui = Ui(root, *overrides)
+    try:
+        page = Page(browser, ui.url)
+        try:
+            yield page
+        finally:
+            page.close()
+    finally:
+        ui.stop()
+
+
 @pytest.fixture(scope="module")
 def state(tmp_path_factory):
     """A real pipeline state: version 1 stable, version 2 rejected by the gate, live traffic, two reports."""
@@ -109,9 +124,7 @@ def non_blank(png: bytes) -> tuple[int, float]:
 
 def test_the_page_shows_the_pipeline_the_verdicts_and_drift(state, browser, tmp_path):
     root, port = state
-    ui = Ui(root)
-    page = Page(browser, ui.url)
-    try:
+    with served(browser, root) as page:
         p = page.page
         assert page.states() == {name: "fresh" for name in STAGES}
         for name in STAGES:
@@ -169,16 +182,11 @@ def test_the_page_shows_the_pipeline_the_verdicts_and_drift(state, browser, tmp_
             small.quantize(colors=128, method=Image.Quantize.FASTOCTREE).save(
                 os.environ["MLFLOWCTL_UI_SCREENSHOT"], optimize=True)
         assert page.errors == []
-    finally:
-        page.close()
-        ui.stop()
 
 
 def test_a_changed_parameter_shows_its_reason(state, browser):
     root, _ = state
-    ui = Ui(root, "train_model.learning_rate=0.002")
-    page = Page(browser, ui.url)
-    try:
+    with served(browser, root, "train_model.learning_rate=0.002") as page:
         states = page.states()
         assert states["train_model"] == "stale" and states["register"] == "stale"
         assert states["data"] == states["train_concept"] == "fresh"
@@ -186,9 +194,6 @@ def test_a_changed_parameter_shows_its_reason(state, browser):
         assert "input train_model will change first" in page.row("register").inner_text()
         assert "train_model.learning_rate=0.002" in page.page.locator("#header").inner_text()
         assert page.errors == []
-    finally:
-        page.close()
-        ui.stop()
 
 
 def test_a_corrupted_report_shows_in_its_row_and_the_page_still_loads(state, browser):
@@ -198,31 +203,26 @@ def test_a_corrupted_report_shows_in_its_row_and_the_page_still_loads(state, bro
     saved = status.read_text(), report.read_text()
     status.write_text("{broken")
     report.write_text("")
-    ui = Ui(root)
-    page = Page(browser, ui.url)
     try:
-        p = page.page
-        v2 = p.locator('tr.version-row[data-version="2"]')
-        assert "models/fmnist/status/2.json: not valid JSON" in v2.locator(".row-error").inner_text()
-        assert p.locator('tr.version-row[data-version="1"]').get_attribute("data-state") == "promoted"
-        bad = p.locator('tr.report-row[data-source="on-demand"]')
-        assert bad.count() == 1 and "drift.json: not valid JSON" in bad.inner_text()
-        assert p.locator('tr.report-row[data-source="stage"]').count() == 1
-        assert page.states() == {name: "fresh" for name in STAGES}
-        assert page.errors == []
+        with served(browser, root) as page:
+            p = page.page
+            v2 = p.locator('tr.version-row[data-version="2"]')
+            assert "models/fmnist/status/2.json: not valid JSON" in v2.locator(".row-error").inner_text()
+            assert p.locator('tr.version-row[data-version="1"]').get_attribute("data-state") == "promoted"
+            bad = p.locator('tr.report-row[data-source="on-demand"]')
+            assert bad.count() == 1 and "drift.json: not valid JSON" in bad.inner_text()
+            assert p.locator('tr.report-row[data-source="stage"]').count() == 1
+            assert page.states() == {name: "fresh" for name in STAGES}
+            assert page.errors == []
     finally:
         status.write_text(saved[0])
         report.write_text(saved[1])
-        page.close()
-        ui.stop()
 
 
 def test_no_state_folder_yet_says_run_doit(browser, tmp_path):
     root = make_project(tmp_path / "empty")
     assert not (root / ".mlflowctl").exists()
-    ui = Ui(root)
-    page = Page(browser, ui.url)
-    try:
+    with served(browser, root) as page:
         p = page.page
         assert p.locator("#nothing-has-run").inner_text() == "nothing has run; run `doit`"
         assert set(page.states().values()) == {"stale"}
@@ -231,17 +231,12 @@ def test_no_state_folder_yet_says_run_doit(browser, tmp_path):
         assert "no versions yet" in p.locator("#versions").inner_text()
         assert "no drift figures yet" in p.locator("#drift-chart").inner_text()
         assert page.errors == []
-    finally:
-        page.close()
-        ui.stop()
 
 
 def test_the_page_follows_doit_without_reloading(state, browser):
     """Last in the module: it changes the project's config and re-runs a stage."""
     root, _ = state
-    ui = Ui(root)
-    page = Page(browser, ui.url)
-    try:
+    with served(browser, root) as page:
         p = page.page
         p.evaluate("window.__marker = 'no reload'")
         updates = int(p.evaluate("document.body.dataset.updates || '0'"))
@@ -272,6 +267,3 @@ def test_the_page_follows_doit_without_reloading(state, browser):
         assert int(p.evaluate("document.body.dataset.updates")) >= updates + 2
         assert "stale" in seen and "fresh" in seen, seen
         assert page.errors == []
-    finally:
-        page.close()
-        ui.stop()

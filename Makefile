@@ -3,7 +3,7 @@
 #   make demo       set up (venv + data) and run the pipeline, then list models
 #   make test       set up (venv + data + docker) and run the test suite
 #   make bench      set up (venv + data) and run the benchmarks
-#   make venv|data|docker|browser   the individual set-up steps (idempotent, fast when done)
+#   make venv|data|docker   the individual set-up steps (idempotent, fast when done)
 #   make clean      remove pipeline state (.mlflowctl/)
 #   make distclean  also remove the virtualenv (.venv/)
 #
@@ -34,10 +34,10 @@ NO_DOCKER   ?=
 export DEBIAN_FRONTEND := noninteractive
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv data docker browser demo test bench clean distclean
+.PHONY: help venv data docker demo test bench clean distclean
 
 help:
-	@echo "targets: demo test bench venv data docker browser clean distclean"
+	@echo "targets: demo test bench venv data docker clean distclean"
 	@echo "  e.g. make test PYTEST_ARGS='-k local -x'"
 
 # ---------------------------------------------------------------- venv
@@ -88,12 +88,28 @@ docker:
 	@if [ -n "$(NO_DOCKER)" ]; then echo "docker: skipped (NO_DOCKER set)"; exit 0; fi; \
 	scripts/ensure-docker.sh && scripts/ensure-base-image.sh
 
+# ---------------------------------------------------------------- main targets
+demo: venv data
+	$(VBIN)/doit -n 2 $(DOIT_ARGS)
+	$(VBIN)/mlflowctl models
+	$(VBIN)/mlflowctl report
+
+test: venv data docker
+	$(VBIN)/pytest -q -ra tests $(PYTEST_ARGS)
+
+bench: venv data
+	$(VBIN)/python bench/run_all.py
+
 # ---------------------------------------------------------------- browser
 # Debian's chromium (and a font) for the browser tests of `mlflowctl ui`, driven by
 # Playwright from PyPI with executable_path=$(CHROMIUM): no browser is ever downloaded.
+# `make test` depends on it (the extra prerequisite line below).
 CHROMIUM ?= /usr/bin/chromium
 BROWSER_PKGS := chromium fonts-dejavu-core
+export MLFLOWCTL_CHROMIUM := $(CHROMIUM)
 
+.PHONY: browser
+test: browser
 browser:
 	@if [ -x "$(CHROMIUM)" ]; then echo "browser: $$($(CHROMIUM) --version 2>/dev/null | head -n 1) at $(CHROMIUM)"; exit 0; fi; \
 	if ! command -v apt-get >/dev/null 2>&1; then echo "browser: ERROR: $(CHROMIUM) missing and no apt-get; install Chromium and pass CHROMIUM=/path" >&2; exit 1; fi; \
@@ -109,18 +125,6 @@ browser:
 	fi; \
 	if [ -x "$(CHROMIUM)" ]; then echo "browser: $$($(CHROMIUM) --version 2>/dev/null | head -n 1) installed"; \
 	else tail -n 5 /tmp/mlflowctl-apt-browser.log >&2 || true; echo "browser: ERROR: could not install chromium (log /tmp/mlflowctl-apt-browser.log)" >&2; exit 1; fi
-
-# ---------------------------------------------------------------- main targets
-demo: venv data
-	$(VBIN)/doit -n 2 $(DOIT_ARGS)
-	$(VBIN)/mlflowctl models
-	$(VBIN)/mlflowctl report
-
-test: venv data docker browser
-	MLFLOWCTL_CHROMIUM=$(CHROMIUM) $(VBIN)/pytest -q -ra tests $(PYTEST_ARGS)
-
-bench: venv data
-	$(VBIN)/python bench/run_all.py
 
 # ---------------------------------------------------------------- cleaning
 clean:

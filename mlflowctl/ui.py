@@ -306,14 +306,15 @@ class Dashboard:
         local = self.project.state_dir / "logs" / f"{name}.log"
         run = _read_local_json(pipeline.run_state_path(name)) or {}
         last = _read_local_json(pipeline.last_run_path(name)) or {}
-        if run.get("state") in ("running", "failed") and local.is_file():
-            return str(local), _tail_text(local.read_bytes())
-        keys = []
         try:
-            keys.append(pipeline.resolve(stage).key)
+            current = pipeline.resolve(stage).key
         except MlflowctlError:
-            pass
-        keys.append(last.get("key"))
+            current = None
+        live = run.get("state") == "running" and pid_alive(run.get("pid"))
+        failed_now = run.get("state") == "failed" and run.get("key") == current
+        if (live or failed_now) and local.is_file():
+            return str(local), _tail_text(local.read_bytes())
+        keys = [current, last.get("key")]
         for key in dict.fromkeys(k for k in keys if k):
             path = f"results/{name}/{key}/_logs/{name}.log"
             if self.store.exists(path):

@@ -123,6 +123,32 @@ test: venv data docker seaweedfs cluster
 bench: venv data
 	$(VBIN)/python bench/run_all.py
 
+# ---------------------------------------------------------------- browser
+# Debian's chromium (and a font) for the browser tests of `mlflowctl ui`, driven by
+# Playwright from PyPI with executable_path=$(CHROMIUM): no browser is ever downloaded.
+# `make test` depends on it (the extra prerequisite line below).
+CHROMIUM ?= /usr/bin/chromium
+BROWSER_PKGS := chromium fonts-dejavu-core
+export MLFLOWCTL_CHROMIUM := $(CHROMIUM)
+
+.PHONY: browser
+test: browser
+browser:
+	@if [ -x "$(CHROMIUM)" ]; then echo "browser: $$($(CHROMIUM) --version 2>/dev/null | head -n 1) at $(CHROMIUM)"; exit 0; fi; \
+	if ! command -v apt-get >/dev/null 2>&1; then echo "browser: ERROR: $(CHROMIUM) missing and no apt-get; install Chromium and pass CHROMIUM=/path" >&2; exit 1; fi; \
+	if [ "$$(id -u)" -eq 0 ]; then sudo=""; \
+	elif command -v sudo >/dev/null 2>&1; then sudo="sudo -n"; \
+	else echo "browser: ERROR: not root and no sudo, cannot apt-get install $(BROWSER_PKGS)" >&2; exit 1; fi; \
+	apt="$$sudo apt-get -y -q -o DPkg::Lock::Timeout=300"; \
+	echo "browser: installing $(BROWSER_PKGS) with apt-get"; \
+	if ! $$apt install --no-install-recommends $(BROWSER_PKGS) >/tmp/mlflowctl-apt-browser.log 2>&1; then \
+	  echo "browser: apt-get install failed; running apt-get update and retrying"; \
+	  $$apt update >>/tmp/mlflowctl-apt-browser.log 2>&1 || true; \
+	  $$apt install --no-install-recommends $(BROWSER_PKGS) >>/tmp/mlflowctl-apt-browser.log 2>&1 || true; \
+	fi; \
+	if [ -x "$(CHROMIUM)" ]; then echo "browser: $$($(CHROMIUM) --version 2>/dev/null | head -n 1) installed"; \
+	else tail -n 5 /tmp/mlflowctl-apt-browser.log >&2 || true; echo "browser: ERROR: could not install chromium (log /tmp/mlflowctl-apt-browser.log)" >&2; exit 1; fi
+
 # ---------------------------------------------------------------- cleaning
 clean:
 	rm -rf .mlflowctl

@@ -8,6 +8,8 @@ setup(
     python_requires=">=3.10",
     packages=["mlflowctl", "mlflowctl_plugins"],
     package_dir={"mlflowctl_plugins": "plugins"},
+    # the page of `mlflowctl ui`: Jinja2 templates and its own CSS/JS (no third-party code)
+    package_data={"mlflowctl": ["templates/ui/*.html", "static/*.css", "static/*.js"]},
     # The orchestrator's own dependencies. TensorFlow is needed only by the
     # stage code (image/requirements.txt), never imported by mlflowctl itself.
     install_requires=[
@@ -17,10 +19,12 @@ setup(
         "requests>=2.28",
         "docker>=7",
         "kubernetes>=28",
+        "Jinja2>=3.1",  # mlflowctl ui (imported only by that command)
     ],
     extras_require={
         "s3": ["boto3>=1.28"],
-        "test": ["pytest>=7", "boto3>=1.28", "moto[server]>=5", "numpy"],
+        # playwright drives Debian's chromium (make browser); it never downloads a browser
+        "test": ["pytest>=7", "boto3>=1.28", "moto[server]>=5", "numpy", "playwright>=1.40", "pillow"],
     },
     entry_points={
         "console_scripts": ["mlflowctl = mlflowctl.cli:main"],

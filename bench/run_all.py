@@ -25,6 +25,7 @@ BENCHES = (
     ("data", "bench_data.py", 300),
     ("local_backend", "bench_local_backend.py", 1500),
     ("s3", "bench_s3.py", 900),
+    ("ui", "bench_ui.py", 300),
 )
 
 

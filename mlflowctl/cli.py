@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument("--out", default=".mlflowctl/render", help="folder to write into")
     prune = add("prune", "remove old stage images and leftover containers of the docker backend")
     prune.add_argument("--keep", type=int, default=1, help="newest images to keep")
+    ui = add("ui", "a read-only local web page: pipeline, model versions, gate verdicts, drift (live)")
+    ui.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default 8765; 0: any free port)")
     return parser
 
 
@@ -229,6 +231,12 @@ def cmd_prune(root: Path, overrides: dict[str, str], args: Any) -> int:
     for name in backend.prune(keep=args.keep) + backend.prune_containers():
         print(f"removed {name}")
     return EXIT_OK
+
+
+def cmd_ui(root: Path, overrides: dict[str, str], args: Any) -> int:
+    from mlflowctl.ui import serve
+
+    return serve(root, overrides, port=args.port)
 
 
 def cmd_report(root: Path, overrides: dict[str, str], args: Any) -> int:

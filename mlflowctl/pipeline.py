@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import signal
 import sys
@@ -186,6 +187,18 @@ class Pipeline:
     def last_run_path(self, stage_name: str) -> Path:
         return self.project.state_dir / "stages" / f"{stage_name}.json"
 
+    def run_state_path(self, stage_name: str) -> Path:
+        """``{"state": "running"|"failed"|"succeeded", "key", "pid", "started_at", ...}`` of the latest run."""
+        return self.project.state_dir / "stages" / f"{stage_name}.run.json"
+
+    def _record_run_state(self, stage_name: str, **fields: Any) -> None:
+        """Replace the run-state record at once (``mlflowctl ui`` reads it while a stage runs)."""
+        path = self.run_state_path(stage_name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+        tmp.write_text(json.dumps(fields, sort_keys=True, default=str))
+        os.replace(tmp, path)
+
     def explain(self, stage: Stage) -> tuple[bool, list[str]]:
         """(up to date?, reasons it will re-run)."""
         info = self.resolve(stage)
@@ -231,8 +244,15 @@ class Pipeline:
                 log_path=log_path, key=info.key,
             )
             hook = project.pm.hook
-            hook.mlflowctl_before_stage(stage=stage.name, run=run)
+            begun = {"key": info.key, "pid": os.getpid(), "started_at": time.time()}
+            self._record_run_state(stage.name, state="running", **begun)
             started = time.monotonic()
+            try:
+                hook.mlflowctl_before_stage(stage=stage.name, run=run)
+            except BaseException as exc:  # a veto: the stage failed before it ran
+                self._record_run_state(stage.name, state="failed", **begun, finished_at=time.time(),
+                                       duration=0.0, error=str(exc) or type(exc).__name__)
+                raise
             try:
                 with _live(run):
                     if stage.action is not None:
@@ -246,6 +266,9 @@ class Pipeline:
                         + (f": {tail}" if tail else ""),
                         hint=f"full log: {log_path}; re-run with: doit {stage.name}")
             except BaseException as exc:
+                self._record_run_state(stage.name, state="failed", **begun, finished_at=time.time(),
+                                       duration=round(time.monotonic() - started, 3),
+                                       error=str(exc) or type(exc).__name__)
                 hook.mlflowctl_on_stage_error(stage=stage.name, run=run, error=exc)
                 raise
             manifest = {"stage": stage.name, "key": info.key, "components": info.components,
@@ -263,6 +286,8 @@ class Pipeline:
         record = self.last_run_path(stage.name)
         record.parent.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps({"key": info.key, "components": info.components}, indent=2, sort_keys=True))
+        self._record_run_state(stage.name, state="succeeded", **begun, finished_at=time.time(),
+                               duration=round(result.duration, 3))
         hook.mlflowctl_after_stage(stage=stage.name, run=run, result=result)
         return result
 

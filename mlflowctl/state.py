@@ -1,6 +1,7 @@
 """The project's state folder, ``.mlflowctl/``: created atomically, marked as a cache."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -39,3 +40,24 @@ def ensure_state_dir(root: Path) -> Path:
         if not path.is_dir():  # not a lost race with another process: a real error
             raise
     return path
+
+
+def pid_alive(pid: int) -> bool:
+    """True when process ``pid`` runs on this machine (a zombie child of ours is reaped and counts as gone)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    with contextlib.suppress(ChildProcessError, OSError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    with contextlib.suppress(OSError, IndexError):
+        if stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+    return True

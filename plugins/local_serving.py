@@ -44,6 +44,7 @@ from mlflowctl import hookimpl
 from mlflowctl.config import Setting
 from mlflowctl.errors import ConfigError, MlflowctlError, UnavailableError
 from mlflowctl.serving import Endpoint, ServingTarget
+from mlflowctl.state import pid_alive as _pid_alive
 
 SERVER_SCRIPT = "serve.py"
 STOP_TIMEOUT = 10.0
@@ -74,27 +75,6 @@ def _write_json_atomic(path: Path, data: Any) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
-def _pid_alive(pid: int) -> bool:
-    """True when ``pid`` runs (a zombie child of ours is reaped and counts as gone)."""
-    if pid <= 0:
-        return False
-    with contextlib.suppress(ChildProcessError, OSError):
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
-            return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    with contextlib.suppress(OSError, IndexError):
-        if stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
-            return False
-    return True
 
 
 def _is_our_server(pid: int) -> bool:

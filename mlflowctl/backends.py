@@ -104,6 +104,14 @@ class Backend(Configurable):
         """Write what would be executed (scripts, manifests) into ``folder`` without running it."""
         return []
 
+    def render_setup(self, folder: Path) -> list[Path]:
+        """Write what must exist before any stage runs (e.g. RBAC, volumes) into ``folder``; optional."""
+        return []
+
+    def apply_setup(self, dry_run: bool = False) -> list[str]:
+        """Create what must exist before any stage runs (``mlflowctl setup``); returns what was applied."""
+        return []
+
 
 class LogWriter:
     """Write stage output to the log file and stream it live, line by line."""

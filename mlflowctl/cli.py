@@ -39,8 +39,12 @@ def _parser() -> argparse.ArgumentParser:
     add("rollback", "make the previous stable version stable again")
     add("report", "the stable endpoint, its tested accuracy and the live drift rate")
     add("monitor", "run the monitor stage now on the live traffic (report under .mlflowctl/monitor/<time>/)")
-    render = add("render", "write what the backend would run for each stage (scripts, Dockerfile) without running it")
+    render = add("render", "write what the backend would run for each stage (scripts, Dockerfile, Kubernetes "
+                           "manifests) and what it needs set up first, without running or applying anything")
     render.add_argument("--out", default=".mlflowctl/render", help="folder to write into")
+    setup = add("setup", "create what the backend needs before a run (k8s: ServiceAccount, Role, RoleBinding, "
+                         "the store's claim)")
+    setup.add_argument("--dry-run", action="store_true", help="ask the server to validate, change nothing")
     prune = add("prune", "remove old stage images and leftover containers of the docker backend")
     prune.add_argument("--keep", type=int, default=1, help="newest images to keep")
     ui = add("ui", "a read-only local web page: pipeline, model versions, gate verdicts, drift (live)")
@@ -217,6 +221,18 @@ def cmd_render(root: Path, overrides: dict[str, str], args: Any) -> int:
     folder = folder if folder.is_absolute() else pipeline.project.root / folder
     for path in pipeline.render(folder):
         print(path)
+    for path in pipeline.project.backend.render_setup(folder / "setup"):
+        print(path)
+    return EXIT_OK
+
+
+def cmd_setup(root: Path, overrides: dict[str, str], args: Any) -> int:
+    project = _project(root, overrides)
+    applied = project.backend.apply_setup(dry_run=args.dry_run)
+    if not applied:
+        print(f"backend {project.config['backend']!r} needs no set-up")
+    for item in applied:
+        print(f"{'validated' if args.dry_run else 'applied'} {item}")
     return EXIT_OK
 
 

@@ -304,14 +304,14 @@ class Pipeline:
             inputs, locations = {}, {}
             in_store = getattr(self.project.backend, "runs_in_store", False)
             for env, up in stage.inputs:
-                info = self.resolve(self.stages[up])
+                info = self._resolve_for_render(self.stages[up])
                 locations[env] = StoreLocation(self.project.store, info.path if info.key else f"pending/{up}")
                 if not in_store:
                     try:
                         inputs[env] = self.current_result(up)
                     except MlflowctlError:
                         inputs[env] = folder / "pending" / up
-            key = self.resolve(stage).key or ""
+            key = self._resolve_for_render(stage).key or ""
             locations[stage.output] = StoreLocation(self.project.store, f".staging/{stage.name}-{key or 'pending'}",
                                                     read_only=False)
             run = StageRun(stage=stage.name, command=list(stage.command), workdir=self.project.stage_code_dir,
@@ -320,6 +320,13 @@ class Pipeline:
                            locations=locations, log_path=folder / "logs" / f"{stage.name}.log", key=key)
             written += [p for p in self.project.backend.render(run, folder) if p not in written]
         return written
+
+    def _resolve_for_render(self, stage: Stage) -> KeyInfo:
+        """The stage's key, or none when the store cannot be read yet (rendering comes before set-up)."""
+        try:
+            return self.resolve(stage)
+        except MlflowctlError:
+            return KeyInfo(stage.name, None, {}, [up for _, up in stage.inputs])
 
     def run_uncached(self, stage_name: str, out: Path) -> StageResult:
         """Run a command stage now, whatever the cache says, writing into ``out`` (not the store).

@@ -384,12 +384,29 @@ class KubeBackend(Backend):
         path.write_text(f"# stage {run.stage}: kubectl apply -f {path.name}\n" + yaml.safe_dump(manifest, sort_keys=False))
         return [path]
 
+    def namespace_for_manifests(self) -> str:
+        try:
+            return self.kube.namespace
+        except MlflowctlError:  # no cluster at hand: render for the configured namespace
+            return self.setting("namespace") or "default"
+
     def rbac_manifests(self) -> list[dict[str, Any]]:
-        """ServiceAccount, Role and RoleBinding with exactly the verbs this backend uses."""
-        ns = self.kube.namespace if self.kube._api is not None else (self.setting("namespace") or "default")
-        sa = self.setting("service_account") or "mlflowctl"
+        """ServiceAccount, Role and RoleBinding with exactly the verbs mlflowctl uses in the namespace.
+
+        The rules are the backend's (Jobs, their pods and logs), the store's (``pvc://``: the claim,
+        its server) and the model server's (its Deployment, Service and proxy): the identity that runs
+        ``doit backend=k8s`` (you, or a CI job running as this ServiceAccount) needs these and no more.
+        """
+        ns = self.namespace_for_manifests()
+        sa = "mlflowctl"
         labels = {"app.kubernetes.io/managed-by": MANAGED_BY}
-        rules = [{"apiGroups": [g], "resources": [r], "verbs": list(v)} for g, r, v in RBAC_RULES]
+        from mlflowctl_plugins.k8s_serving import RBAC_RULES as SERVING_RULES
+        from mlflowctl_plugins.pvc_store import RBAC_RULES as STORE_RULES
+
+        merged: dict[tuple[str, str], set[str]] = {}
+        for group, resource, verbs in [*RBAC_RULES, *STORE_RULES, *SERVING_RULES]:
+            merged.setdefault((group, resource), set()).update(verbs)
+        rules = [{"apiGroups": [g], "resources": [r], "verbs": sorted(v)} for (g, r), v in sorted(merged.items())]
         return [
             {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": sa, "namespace": ns, "labels": labels}},
             {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
@@ -399,6 +416,58 @@ class KubeBackend(Backend):
              "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "mlflowctl-runner"},
              "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": ns}]},
         ]
+
+    # -- set-up: what must exist before a stage runs --------------------------------------------------
+    def setup_manifests(self, with_servers: bool = True) -> list[dict[str, Any]]:
+        """RBAC, the store's claim and server, image pull Secret templates (no values), the model server."""
+        docs = self.rbac_manifests()
+        ns = self.namespace_for_manifests()
+        for name in self.setting("image_pull_secrets") or []:
+            docs.append({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/dockerconfigjson",
+                         "metadata": {"name": name, "namespace": ns, "labels": {"app.kubernetes.io/managed-by": MANAGED_BY},
+                                      "annotations": {"mlflowctl.io/template": "fill in: kubectl create secret "
+                                                      f"docker-registry {name} --docker-server=..."}},
+                         "stringData": {".dockerconfigjson": '{"auths": {}}'}})
+        store = getattr(self.project, "store", None)
+        if store is not None and hasattr(store, "claim_manifest"):
+            docs.append(store.claim_manifest())
+            if with_servers:
+                docs += store.server_manifests()
+        serving = getattr(self.project, "serving", None)
+        if with_servers and serving is not None and getattr(serving, "runtime_name", "") == "k8s":
+            image = self.setting("image") or self.images.image_ref()
+            docs += serving._runtime("k8s").manifests(image)
+        return docs
+
+    def render_setup(self, folder: Path) -> list[Path]:
+        """One YAML file per prerequisite (``kubectl apply -f folder``)."""
+        import yaml
+
+        folder.mkdir(parents=True, exist_ok=True)
+        written = []
+        for i, doc in enumerate(self.setup_manifests()):
+            path = folder / f"{i:02d}-{doc['kind'].lower()}-{doc['metadata']['name']}.yaml"
+            path.write_text(yaml.safe_dump(doc, sort_keys=False))
+            written.append(path)
+        return written
+
+    def apply_setup(self, dry_run: bool = False) -> list[str]:
+        """Server-side apply of the prerequisites a run needs up front (RBAC, the claim); Secrets only if absent."""
+        from kubernetes import dynamic
+
+        client = dynamic.DynamicClient(self.kube.connect())
+        done = []
+        for doc in self.setup_manifests(with_servers=False):
+            kind, name, ns = doc["kind"], doc["metadata"]["name"], doc["metadata"].get("namespace")
+            resource = self.kube.call(f"find the {kind} API", client.resources.get, api_version=doc["apiVersion"], kind=kind)
+            if kind == "Secret" and self.kube.call(f"read secret {name}", resource.get, name=name, namespace=ns,
+                                                   not_found=None) is not None:
+                continue  # never overwrite credentials with a template
+            extra = {"dry_run": "All"} if dry_run else {}
+            self.kube.call(f"apply {kind} {name}", resource.server_side_apply, body=doc, name=name, namespace=ns,
+                           field_manager="mlflowctl", force_conflicts=True, **extra)
+            done.append(f"{kind.lower()}/{name}")
+        return done
 
 
 def _job_condition(job: Any, kind: str) -> Any:

@@ -24,6 +24,13 @@ from mlflowctl.errors import ConfigError, MlflowctlError, UnavailableError
 from mlflowctl_plugins.kube import dns_name
 
 SERVER_SCRIPT = "serve.py"
+RBAC_RULES = [  # what the model server's runtime does on the cluster
+    ("apps", "deployments", ("get", "create", "delete")),
+    ("", "services", ("get", "create", "delete")),
+    ("", "services/proxy", ("get", "create")),
+    ("", "pods", ("list",)),
+    ("", "pods/log", ("get",)),
+]
 
 
 class KubeServerRuntime:

@@ -182,7 +182,7 @@ class Kube:
                 what = f"{resource}.{group}" if group else resource
                 raise UnavailableError(f"kube context {self.context_name}: not allowed to {verb} {what} in namespace "
                                        f"{self.namespace}", hint="bind the Role that `mlflowctl render backend=k8s` "
-                                                             "writes (mlflowctl k8s-setup applies it)")
+                                                             "writes (mlflowctl setup applies it)")
 
     # -- HTTP through the API server's service proxy ------------------------------------------
     def session(self) -> Any:

@@ -12,7 +12,7 @@ check (a no-op ``doit`` stays fast), no tar/shell needed in the image, and a pla
 (``services/proxy``).
 
 The server (a Deployment + Service + ConfigMap named ``mlflowctl-store-<claim>``) is created by the
-store's preflight when missing or out of date; the claim itself is not (``mlflowctl k8s-setup``
+store's preflight when missing or out of date; the claim itself is not (``mlflowctl setup``
 applies it with the other prerequisites, ``mlflowctl render backend=k8s`` writes it).
 """
 from __future__ import annotations
@@ -68,9 +68,9 @@ class PvcStore(Store):
         "namespace": Setting(str, "", "namespace of the claim and the store server (empty: backends.k8s.namespace)",
                              check=check_dns_label),
         "image": Setting(str, "python:3.11-slim", "image of the store server (any image with python3)"),
-        "storage_class": Setting(str, "", "storageClassName of the claim `mlflowctl k8s-setup` creates "
+        "storage_class": Setting(str, "", "storageClassName of the claim `mlflowctl setup` creates "
                                           "(empty: the cluster's default)"),
-        "size": Setting(str, "20Gi", "size of the claim `mlflowctl k8s-setup` creates", check=check_quantity),
+        "size": Setting(str, "20Gi", "size of the claim `mlflowctl setup` creates", check=check_quantity),
         "access_mode": Setting(str, "ReadWriteOnce", "access mode of that claim (ReadWriteMany for several nodes)",
                                choices=("ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod")),
         "start_timeout": Setting(float, 120.0, "seconds to wait for the store server to become ready"),
@@ -164,7 +164,7 @@ class PvcStore(Store):
         if kube.call(f"read claim {self.claim}", core.read_namespaced_persistent_volume_claim, self.claim, ns,
                      not_found=None) is None:
             raise UnavailableError(f"store {self.url}: claim {self.claim!r} does not exist in namespace {ns}",
-                                   hint="create it: mlflowctl k8s-setup (or kubectl apply the claim from "
+                                   hint="create it: mlflowctl setup (or kubectl apply the claim from "
                                         "mlflowctl render backend=k8s)")
         configmap, deployment, service = self.server_manifests()
         digest = deployment["metadata"]["annotations"]["mlflowctl.io/spec"]

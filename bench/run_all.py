@@ -26,6 +26,7 @@ BENCHES = (
     ("local_backend", "bench_local_backend.py", 1500),
     ("s3", "bench_s3.py", 900),
     ("ui", "bench_ui.py", 300),
+    ("k8s", "bench_k8s.py", 1800),
 )
 
 

@@ -333,7 +333,7 @@ class KubeBackend(Backend):
             finally:
                 watcher.stop_logs(join=True)
             if not self.setting("keep_jobs"):
-                self._delete(name, wait=True)
+                self._delete(name, wait=False)  # finished pods go with the Job (background deletion)
         detail = {"job": name, "namespace": ns, "image": image, "pod": outcome.get("pod", "")}
         if outcome.get("error"):
             raise StageFailed(f"stage {run.stage}: {outcome['error']}", hint=outcome.get("hint") or
@@ -470,6 +470,16 @@ class KubeBackend(Backend):
         return done
 
 
+def _pod_ended_or_stuck(pod: Any) -> bool:
+    status = pod.status
+    if status is None:
+        return False
+    if status.phase in ("Succeeded", "Failed"):
+        return True
+    return any(cs.state and cs.state.waiting and cs.state.waiting.reason in IMAGE_ERRORS + CONFIG_ERRORS
+               for cs in status.container_statuses or [])
+
+
 def _job_condition(job: Any, kind: str) -> Any:
     for cond in (job.status.conditions or []) if job.status else []:
         if cond.type == kind and cond.status == "True":
@@ -561,8 +571,8 @@ class _JobWatcher:
                             self.pods.pop(pod.metadata.name, None)
                         else:
                             self.pods[pod.metadata.name] = pod
-                        if self.run.cancelled.is_set():
-                            break
+                        if self.run.cancelled.is_set() or _pod_ended_or_stuck(pod):
+                            break  # look at the Job now, not at the end of the watch window
                 except ApiException as exc:
                     if exc.status == 410:  # too old a resourceVersion: list again and resume
                         version = None
@@ -580,7 +590,7 @@ class _JobWatcher:
                 problem = self._pod_problem(pod)
                 if problem:
                     return problem
-            job = self.kube.call(f"read job {self.name}", batch.read_namespaced_job, self.name, ns, not_found=None)
+            job = self._read_job(batch, ns)
             if job is None:
                 return {"error": f"job {self.name} disappeared (deleted by someone else?)"}
             if _job_condition(job, "Complete"):
@@ -590,6 +600,17 @@ class _JobWatcher:
             if failed:
                 self._catch_up()
                 return self._failure(failed)
+
+    def _read_job(self, batch: Any, ns: str) -> Any:
+        """The Job; when a pod just ended, wait (briefly) for the Job controller to say how the Job ended."""
+        ended = any(p.status is not None and p.status.phase in ("Succeeded", "Failed") for p in self.pods.values())
+        deadline = time.monotonic() + (3.0 if ended else 0.0)
+        while True:
+            job = self.kube.call(f"read job {self.name}", batch.read_namespaced_job, self.name, ns, not_found=None)
+            if job is None or _job_condition(job, "Complete") or _job_condition(job, "Failed") \
+                    or time.monotonic() >= deadline:
+                return job
+            time.sleep(0.05)
 
     def _catch_up(self) -> None:
         """The log of every pod that ended before the watch saw it run (short stages), read whole."""

@@ -152,6 +152,7 @@ ensure_binary() {
       -X k8s.io/component-base/version.gitTreeState=clean" .
   ) >"$STATE/logs/build.log" 2>&1 || { tail -n 20 "$STATE/logs/build.log" >&2; die "go build failed (log $STATE/logs/build.log)"; }
   mv "$BIN.tmp" "$BIN"
+  echo "$((SECONDS - t))" > "$dir/build-seconds"
   exec 8>&-
   say "built kube-all in $((SECONDS - t)) s ($(du -h "$BIN" | cut -f1))"
 }

@@ -91,6 +91,21 @@ def _test_traffic(context: Any) -> bool:
     return any(k == "x-mlflowctl-traffic" and v == "test" for k, v in (context.invocation_metadata() or ()))
 
 
+def _dtype_enum(name: str) -> int:
+    from tensorflow import as_dtype
+
+    return as_dtype(name).as_datatype_enum
+
+
+def _dtype_name(enum: int) -> str:
+    from tensorflow.core.framework import types_pb2
+
+    try:
+        return types_pb2.DataType.Name(enum)
+    except ValueError:
+        return f"dtype {enum}"
+
+
 def to_ndarray(proto: Any, where: str) -> np.ndarray:
     """A TensorProto as an array (tensor_content or the typed *_val fields); ValueError when malformed."""
     from tensorflow import make_ndarray
@@ -156,11 +171,15 @@ class _Prediction(_Handler, prediction_service_pb2_grpc.PredictionServiceService
                               f"expected {sorted(sig.inputs)}")
             inputs = {}
             for alias, proto in request.inputs.items():
+                tsig = sig.inputs[alias]
+                want = _dtype_enum(tsig.dtype)
+                if proto.dtype != want:
+                    raise app.bad(f"input '{alias}' is {_dtype_name(proto.dtype)}, the model expects {_dtype_name(want)}")
                 try:
                     arr = to_ndarray(proto, f"input '{alias}'")
                 except ValueError as exc:
                     raise app.bad(str(exc)) from None
-                inputs[alias] = app.conform(arr, sig.inputs[alias], f"input '{alias}'")
+                inputs[alias] = app.conform(arr, tsig, "Predict")
             wanted = list(request.output_filter) or sig.outputs
             unknown = sorted(set(wanted) - set(sig.outputs))
             if unknown:

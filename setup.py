@@ -20,7 +20,8 @@ setup(
     ],
     extras_require={
         "s3": ["boto3>=1.28"],
-        "test": ["pytest>=7", "boto3>=1.28", "moto[server]>=5", "numpy"],
+        # tritonclient: the usual V2 client, to test the model server's V2 API and binary tensor extension
+        "test": ["pytest>=7", "boto3>=1.28", "moto[server]>=5", "numpy", "tritonclient[http]>=2.40"],
     },
     entry_points={
         "console_scripts": ["mlflowctl = mlflowctl.cli:main"],

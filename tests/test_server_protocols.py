@@ -527,3 +527,54 @@ def test_batching_queue_full_is_503_with_retry_after(registry, tmp_path_factory)
 def test_batching_flag_shows_in_the_start_line(batching_server):
     text = batching_server.log.read_text()
     assert re.search(r"gRPC at 127\.0\.0\.1:\d+; batching on", text), text[-500:]
+
+
+# ----------------------------------------------------------------------------- the integration test over gRPC
+def run_integration(tmp_path: Path, endpoint: dict, **env) -> tuple:
+    import os
+    import subprocess
+
+    data = tmp_path / "data"
+    data.mkdir(parents=True)
+    rng = np.random.default_rng(5)
+    np.savez(data / "t10k.npz", x=rng.integers(0, 256, (60, 28, 28), dtype=np.uint8),
+             y=rng.integers(0, 10, 60, dtype=np.uint8))
+    (tmp_path / "ep").mkdir()
+    (tmp_path / "ep" / "endpoint.json").write_text(json.dumps(endpoint))
+    full = {k: v for k, v in os.environ.items() if k not in ("TRANSPORT", "SAMPLES", "OUTPUT_DIR")}
+    full.update(MNIST_DATA_DIR=str(data), ENDPOINT_DIR=str(tmp_path / "ep"), OUTPUT_DIR=str(tmp_path / "out"),
+                SAMPLES="40", BATCH_SIZE="16", MIN_ACCURACY="0", TIMEOUT="20", **env)
+    proc = subprocess.run([sys.executable, "integration_test.py"], cwd=fx.SERVE.parent, env=full,
+                          capture_output=True, text=True, timeout=180)
+    report = tmp_path / "out" / "report.json"
+    return proc, json.loads(report.read_text()) if report.is_file() else None
+
+
+def test_integration_test_over_grpc(server, tmp_path):
+    endpoint = {"url": server.url, "predict_url": f"{server.url}/v1/models/{NAME}/versions/2:predict",
+                "model_name": NAME, "version": 2, "protocol": "tfserving", "grpc": server.grpc_target}
+    before = drift(server)
+    proc, report = run_integration(tmp_path, endpoint, TRANSPORT="grpc")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert report["transport"] == "grpc" and report["requests"] == 3 + 3 + 1  # 40, 40 and 10 images by 16
+    assert f"gRPC {server.grpc_target}" in proc.stdout
+    after = drift(server)
+    # every image went through the gRPC Predict of version 2, tagged as test traffic
+    assert after["test"]["scored"] - before["test"]["scored"] == 90
+    assert (after["scored"], after["outliers"]) == (before["scored"], before["outliers"])
+    assert report["ood_counts"]["random"] == {"scored": 10, "outliers": 10}  # uniform noise: mean(x^2) ~ 1/3
+    assert "gRPC" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_integration_test_grpc_failures_are_one_line(server, tmp_path):
+    base = {"url": server.url, "predict_url": f"{server.url}/v1/models/{NAME}:predict", "model_name": NAME,
+            "version": 2, "protocol": "tfserving"}
+    proc, _ = run_integration(tmp_path / "a", base, TRANSPORT="grpc")
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 3 and len(lines) == 1 and "names no gRPC address" in lines[0], proc.stderr
+    proc, _ = run_integration(tmp_path / "b", {**base, "grpc": f"127.0.0.1:{fx.free_port()}"}, TRANSPORT="grpc")
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 5 and len(lines) == 1 and "cannot connect" in lines[0], proc.stderr
+    proc, _ = run_integration(tmp_path / "c", {**base, "version": 7, "grpc": server.grpc_target}, TRANSPORT="grpc")
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 5 and len(lines) == 1 and "NOT_FOUND" in lines[0], proc.stderr

@@ -84,6 +84,7 @@ MLSERVER_DISTS = ("mlserver", "tensorflow-cpu", "numpy", "protobuf", "uvicorn", 
 TARGET_SELDON = 3.0
 TARGET_MLSERVER = 1.0
 TARGET_P99_MS = 10.0
+TARGET_BATCH_GAIN = 2.0
 STOP_GRACE = 10.0
 
 
@@ -360,6 +361,145 @@ def run_wrk(url: str, script: Path, threads: int, conns: int, seconds: float, la
     return proc.stdout + proc.stderr
 
 
+def wrk_script(tmp: Path, key: str, body: bytes, headers: dict[str, str]) -> Path:
+    body_file = tmp / f"{key}.body"
+    body_file.write_bytes(body)
+    script = tmp / f"{key}.lua"
+    script.write_text('wrk.method = "POST"\n'
+                      + "".join(f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}\n" for k, v in headers.items())
+                      + f"local f = assert(io.open({json.dumps(str(body_file))}, \"rb\"))\n"
+                      "wrk.body = f:read(\"*a\")\n"
+                      "f:close()\n")
+    return script
+
+
+def run_h2load(load: Load, tmp: Path, seconds: float) -> Row:
+    """gRPC load with nghttp2's h2load: ``conns`` HTTP/2 connections, one call in flight on each (like wrk),
+    the framed request body POSTed to the method's path; latency percentiles from its per-request log."""
+    row = Row(load.label, load.conns)
+    body = tmp / "grpc-request.bin"
+    body.write_bytes(load.body)
+    log = tmp / "h2load.log"
+    log.unlink(missing_ok=True)
+    cmd = ["h2load", "-c", str(load.conns), "-m", "1", "-t", "1" if load.conns <= 2 else "2", "-D", f"{seconds:g}",
+           "-d", str(body), "--log-file", str(log), *[a for k, v in load.headers.items() for a in ("-H", f"{k}: {v}")],
+           load.url]
+    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
+                          timeout=seconds + 30)
+    out = proc.stdout + proc.stderr
+    m = re.search(r"finished in ([\d.]+)s, ([\d.]+) req/s", out)
+    if m:
+        row.rps = float(m.group(2))
+    m = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, "
+                  r"(\d+) timeout", out)
+    if m:
+        row.requests = int(m.group(3))
+        row.errors += int(m.group(4)) + int(m.group(5)) + int(m.group(6))
+    try:
+        durations = sorted(int(line.split("\t")[2]) / 1e3 for line in log.read_text().splitlines() if line.count("\t") >= 2)
+    except (OSError, ValueError, IndexError):
+        durations = []
+    if durations:
+        for pct in (50, 75, 90, 99):
+            setattr(row, f"p{pct}", durations[min(len(durations) - 1, int(len(durations) * pct / 100))])
+    if row.rps != row.rps:
+        row.note = "h2load output not understood: " + " | ".join(out.strip().splitlines()[-3:])[:200]
+    return row
+
+
+def grpc_errors(metrics_url: str) -> int:
+    """gRPC Predict calls the server answered with a status other than OK (h2load sees HTTP 200 either way)."""
+    if not metrics_url:
+        return 0
+    try:
+        _, data = http("GET", metrics_url)
+    except (OSError, urllib.error.URLError):
+        return 0
+    total = 0.0
+    for line in data.decode(errors="replace").splitlines():
+        if line.startswith("mlflowctl_serving_requests_total{") and 'endpoint="grpc_predict"' in line \
+                and 'code="OK"' not in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return int(total)
+
+
+def batch_note(drift_url: str) -> str:
+    """The batcher's statistics so far (mean rows per model call), from the drift JSON."""
+    try:
+        _, data = http("GET", drift_url)
+        stats = json.loads(data)["versions"]["1"]["batching"]
+    except (OSError, urllib.error.URLError, ValueError, KeyError, TypeError):
+        return ""
+    if not stats or not stats.get("batches"):
+        return ""
+    return f"{stats['requests'] / stats['batches']:.1f} req/batch"
+
+
+def grpc_body(image: list[float]) -> bytes:
+    """A gRPC-framed PredictRequest (1x784 float32 as tensor_content), built with tensorflow-serving-api's protos."""
+    code = ("import json, struct, sys\n"
+            "import numpy as np\n"
+            "from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2\n"
+            "from tensorflow_serving.apis import predict_pb2\n"
+            "x = np.asarray([json.load(sys.stdin)], dtype=np.float32)\n"
+            "req = predict_pb2.PredictRequest()\n"
+            "req.model_spec.name = 'mnist'\n"
+            "req.inputs['images'].CopyFrom(tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, tensor_content=x.tobytes(),\n"
+            "    tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in x.shape])))\n"
+            "b = req.SerializeToString()\n"
+            "sys.stdout.buffer.write(b'\\x00' + struct.pack('>I', len(b)) + b)\n")
+    proc = subprocess.run([PYTHON, "-c", code], input=json.dumps(image).encode(), capture_output=True, timeout=120,
+                          env=clean_env(TF_ENABLE_ONEDNN_OPTS="0"))
+    if proc.returncode != 0:
+        raise ValueError(f"cannot build the gRPC request: {proc.stderr.decode(errors='replace').strip()[-200:]}")
+    return proc.stdout
+
+
+def v2_bodies(image: list[float]) -> tuple[bytes, bytes, int]:
+    """V2 infer bodies: JSON in and out; binary in and out (the tensor extension); the binary one's JSON header length."""
+    import struct
+
+    as_json = json.dumps({"inputs": [{"name": "images", "shape": [1, 784], "datatype": "FP32", "data": image}],
+                          "outputs": [{"name": "probabilities"}]}).encode()
+    head = json.dumps({"inputs": [{"name": "images", "shape": [1, 784], "datatype": "FP32",
+                                   "parameters": {"binary_data_size": 784 * 4}}],
+                       "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]}).encode()
+    return as_json, head + struct.pack("<784f", *image), len(head)
+
+
+def check_v2_binary(url: str, body: bytes, hlen: int) -> str:
+    import struct
+
+    req = urllib.request.Request(url, data=body, method="POST", headers={
+        "Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(hlen)})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        data, n = resp.read(), int(resp.headers["Inference-Header-Content-Length"])
+    out = json.loads(data[:n])["outputs"][0]
+    if out["parameters"]["binary_data_size"] != 40 or len(data) - n != 40:
+        raise ValueError(f"expected 40 bytes of binary output, got {out}")
+    ok, what = check_probs(struct.unpack("<10f", data[n:]))
+    if not ok:
+        raise ValueError(what)
+    return what
+
+
+def check_grpc(metrics_url: str, url: str, body: bytes, tmp: Path) -> str:
+    """One gRPC call with h2load; the server's metrics must count it OK."""
+    def ok_count() -> float:
+        _, data = http("GET", metrics_url)
+        return sum(float(ln.rsplit(" ", 1)[1]) for ln in data.decode().splitlines()
+                   if ln.startswith("mlflowctl_serving_requests_total{") and 'endpoint="grpc_predict"' in ln
+                   and 'code="OK"' in ln)
+
+    before = ok_count()
+    (tmp / "grpc-check.bin").write_bytes(body)
+    subprocess.run(["h2load", "-n", "1", "-c", "1", "-d", str(tmp / "grpc-check.bin"), "-H", "content-type: application/grpc",
+                    "-H", "te: trailers", url], capture_output=True, timeout=30)
+    if ok_count() != before + 1:
+        raise ValueError("the gRPC Predict call was not answered OK (see the server's metrics)")
+    return "1 gRPC Predict answered OK"
+
+
 # ------------------------------------------------------------------ servers
 @dataclass
 class Server:
@@ -375,20 +515,31 @@ class Server:
     probs: Callable[[Any], Any]
     setup: Callable[[], None] | None = None
     note: str = ""
+    loads: list["Load"] | None = None  # default: wrk on predict_url with body at 2 and 8 connections
+    metrics_url: str = ""               # mlflowctl: /metrics, to count gRPC answers that were errors
+    drift_url: str = ""                 # mlflowctl: the drift JSON (batching statistics, drift counts)
+
+
+@dataclass
+class Load:
+    """One measured run: ``tool`` (wrk over HTTP/1.1, h2load for gRPC) at ``conns`` connections."""
+
+    label: str
+    conns: int
+    url: str
+    body: bytes
+    headers: dict[str, str]
+    tool: str = "wrk"
+    check: Callable[[], str] | None = None  # raises ValueError when the server answers wrongly
 
 
 def run_server(srv: Server, args: argparse.Namespace, tmp: Path) -> tuple[list[Row], str]:
     """Start, check, load and stop one server; (rows, note)."""
     if srv.setup:
         srv.setup()
-    body_file = tmp / f"{srv.key}.json"
-    body_file.write_bytes(srv.body)
-    script = tmp / f"{srv.key}.lua"
-    script.write_text('wrk.method = "POST"\n'
-                      'wrk.headers["Content-Type"] = "application/json"\n'
-                      f"local f = assert(io.open({json.dumps(str(body_file))}, \"rb\"))\n"
-                      "wrk.body = f:read(\"*a\")\n"
-                      "f:close()\n")
+    loads = srv.loads or [Load(srv.label, c, srv.predict_url, srv.body, {"Content-Type": "application/json"})
+                          for c in (2, 8)]
+    script = wrk_script(tmp, srv.key, srv.body, {"Content-Type": "application/json"})
     log_path = tmp / f"{srv.key}.log"
     print(f"\n-- {srv.label}: starting ({' '.join(srv.cmd[:3])} ...)", flush=True)
     t0 = time.monotonic()
@@ -429,18 +580,34 @@ def run_server(srv: Server, args: argparse.Namespace, tmp: Path) -> tuple[list[R
         print(f"   check: {what}", flush=True)
         if args.warmup > 0:
             run_wrk(srv.predict_url, script, 2, 8, args.warmup, latency=False)
-        for threads, conns in ((1, 2), (2, 8)):
+        for i, load in enumerate(loads):
+            if load.check is not None:
+                try:
+                    print(f"   check {load.label}: {load.check()}", flush=True)
+                except (ValueError, KeyError, OSError, urllib.error.URLError) as exc:
+                    rows.append(Row(load.label, load.conns, note=f"check failed: {exc}"[:200]))
+                    continue
+            bad0 = grpc_errors(srv.metrics_url) if load.tool == "h2load" else 0
             cpu0 = group_cpu(proc.pid)
-            out = run_wrk(srv.predict_url, script, threads, conns, args.duration)
+            if load.tool == "h2load":
+                row = run_h2load(load, tmp, args.duration)
+            else:
+                wscript = script if load.body == srv.body and load.url == srv.predict_url else \
+                    wrk_script(tmp, f"{srv.key}-{i}", load.body, load.headers)
+                out = run_wrk(load.url, wscript, 1 if load.conns <= 2 else 2, load.conns, args.duration)
+                row = parse_wrk(out, Row(load.label, load.conns))
+                if row.rps != row.rps:
+                    row.note = "wrk output not understood: " + " | ".join(out.strip().splitlines()[-3:])[:200]
             cpu = group_cpu(proc.pid) - cpu0
-            row = parse_wrk(out, Row(srv.label, conns))
+            if load.tool == "h2load":
+                row.errors += max(0, grpc_errors(srv.metrics_url) - bad0)
             if row.requests:
                 row.cpu_us = cpu / row.requests * 1e6
-            if row.rps != row.rps:
-                row.note = "wrk output not understood: " + " | ".join(out.strip().splitlines()[-3:])[:200]
+            if srv.drift_url:
+                row.note = (row.note + "; " if row.note else "") + batch_note(srv.drift_url)
             rows.append(row)
-            print(f"   c={conns}: {row.rps:.0f} req/s, p50 {row.p50:.2f} ms, p99 {row.p99:.2f} ms, "
-                  f"errors {row.errors}, server CPU {row.cpu_us:.0f} us/req", flush=True)
+            print(f"   {load.label} c={load.conns}: {row.rps:.0f} req/s, p50 {row.p50:.2f} ms, p99 {row.p99:.2f} ms, "
+                  f"errors {row.errors}, server CPU {row.cpu_us:.0f} us/req {row.note}".rstrip(), flush=True)
     finally:
         stopped = stop(proc, srv.ports)
         print(f"   {stopped}", flush=True)
@@ -472,18 +639,43 @@ def make_servers(args: argparse.Namespace, tmp: Path, version_dir: Path, image: 
     routing.write_text(json.dumps({"versions": [number], "labels": {"stable": number}}))
     model_dir = base / str(number)
 
-    for key, label, extra in (("mlflowctl", "mlflowctl (auto)", []), ("mlflowctl-tf", "mlflowctl (--engine tf)",
-                                                                          ["--engine", "tf"])):
+    rest_body = json.dumps({"instances": [image]}).encode()
+    rest_headers = {"Content-Type": "application/json"}
+    for key, label, extra in (("mlflowctl", "mlflowctl (auto)", []),
+                              ("mlflowctl-batching", "mlflowctl batching", ["--batching", "on"]),
+                              ("mlflowctl-tf", "mlflowctl (--engine tf)", ["--engine", "tf"])):
         if not want(key):
             continue
-        port = free_port()
+        port, gport = free_port(), free_port()
+        url = f"http://127.0.0.1:{port}"
+        predict = f"{url}/v1/models/mnist:predict"
+        loads = [Load(label, c, predict, rest_body, rest_headers) for c in (2, 8)]
+        if key == "mlflowctl":
+            v2_json, v2_bin, hlen = v2_bodies(image)
+            infer = f"{url}/v2/models/mnist/infer"
+            loads.append(Load(label, 64, predict, rest_body, rest_headers))
+            try:
+                body = grpc_body(image)
+                gurl = f"http://127.0.0.1:{gport}/tensorflow.serving.PredictionService/Predict"
+                loads += [Load("mlflowctl gRPC", c, gurl, body, {"content-type": "application/grpc", "te": "trailers"},
+                               "h2load", check=(lambda gurl=gurl, body=body, url=url: check_grpc(f"{url}/metrics", gurl, body, tmp)))
+                          for c in (2, 8)]
+            except (ValueError, OSError, subprocess.SubprocessError) as exc:
+                notes.append(f"gRPC rows skipped: {exc}")
+            loads += [Load("mlflowctl V2 JSON", 8, infer, v2_json, rest_headers),
+                      Load("mlflowctl V2 binary", 8, infer, v2_bin,
+                           {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(hlen)},
+                           check=lambda infer=infer, v2_bin=v2_bin, hlen=hlen: check_v2_binary(infer, v2_bin, hlen))]
+        elif key == "mlflowctl-batching":
+            loads.append(Load(label, 64, predict, rest_body, rest_headers))
         servers.append(Server(
             key, label,
             [PYTHON, str(ROOT / "image" / "serve.py"), "--model-name", "mnist", "--base-path", str(base),
-             "--routing", str(routing), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *extra],
-            ROOT, clean_env(), [port], f"http://127.0.0.1:{port}/v2/models/mnist/ready",
-            f"http://127.0.0.1:{port}/v1/models/mnist:predict", json.dumps({"instances": [image]}).encode(),
-            lambda r: r["predictions"][0]))
+             "--routing", str(routing), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+             "--grpc-port", str(gport) if key == "mlflowctl" else "0", *extra],
+            ROOT, clean_env(), [port, gport], f"http://127.0.0.1:{port}/v2/models/mnist/ready",
+            predict, rest_body, lambda r: r["predictions"][0], loads=loads, metrics_url=f"{url}/metrics",
+            drift_url=f"{url}/monitor/v1/models/mnist/drift" if key == "mlflowctl-batching" else ""))
 
     peer_env = {"PEER_TF_THREADS": str(args.peer_tf_threads)}
     for key, workers in (("seldon", 1), ("seldon-2w", 2)):
@@ -538,7 +730,8 @@ def fmt(v: float, digits: int = 2) -> str:
 def print_table(rows: list[Row], skipped: list[tuple[str, str]]) -> None:
     head = f"{'server':<26} {'conns':>5} {'req/s':>8} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} " \
            f"{'srv CPU us/req':>14} {'errors':>6}"
-    print("\nBatch-1 predict over HTTP on 127.0.0.1, drift scoring on (wrk --latency)")
+    print("\nBatch-1 predict on 127.0.0.1, drift scoring on (HTTP: wrk --latency; gRPC: h2load, one call in flight "
+          "per connection)")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -548,8 +741,49 @@ def print_table(rows: list[Row], skipped: list[tuple[str, str]]) -> None:
         print(f"{label:<26} {'-':>5} {'-':>8} {'-':>7} {'-':>7} {'-':>7} {'-':>14} {'-':>6}  skipped: {why}")
 
 
-def at8(rows: list[Row], server: str) -> Row | None:
-    return next((r for r in rows if r.server == server and r.conns == 8 and r.rps == r.rps), None)
+def at8(rows: list[Row], server: str, conns: int = 8) -> Row | None:
+    return next((r for r in rows if r.server == server and r.conns == conns and r.rps == r.rps), None)
+
+
+def print_protocol_targets(rows: list[Row]) -> None:
+    """gRPC vs REST, binary vs JSON V2, batching on vs off (issue 14's figures; printed, never asserted)."""
+    pairs = [
+        ("gRPC / REST req/s @8 conns", at8(rows, "mlflowctl gRPC"), at8(rows, "mlflowctl (auto)"), None),
+        ("V2 binary / V2 JSON req/s @8 conns", at8(rows, "mlflowctl V2 binary"), at8(rows, "mlflowctl V2 JSON"), None),
+        ("batching on / off req/s @64 conns", at8(rows, "mlflowctl batching", 64), at8(rows, "mlflowctl (auto)", 64),
+         TARGET_BATCH_GAIN),
+        ("batching on / off req/s @2 conns (no loss)", at8(rows, "mlflowctl batching", 2),
+         at8(rows, "mlflowctl (auto)", 2), 1.0),
+    ]
+    lines = []
+    for label, a, b, target in pairs:
+        if a is None or b is None:
+            continue
+        ratio = a.rps / b.rps
+        lines.append((label, ratio, "x", "(info)" if target is None else f">= {target:g}x",
+                      None if target is None else ratio >= target))
+    for label in ("mlflowctl gRPC", "mlflowctl V2 binary"):
+        r = at8(rows, label)
+        if r is not None:
+            lines.append((f"{label} p99 @8 conns", r.p99, "ms", f"<= {TARGET_P99_MS:g} ms", r.p99 <= TARGET_P99_MS))
+    b64 = at8(rows, "mlflowctl batching", 64)
+    if b64 is not None:
+        lines.append(("mlflowctl batching p99 @64 conns", b64.p99, "ms", f"<= {TARGET_P99_MS:g} ms",
+                      b64.p99 <= TARGET_P99_MS))
+    if not lines:
+        return
+    print("\nProtocols and batching (issue 14; printed, never asserted)")
+    head = f"{'figure':<52} {'value':>9}  {'target':<10} verdict"
+    print(head)
+    print("-" * len(head))
+    for fig, value, unit, target, ok in lines:
+        verdict = "-" if ok is None else ("ok" if ok else "MISSED")
+        print(f"{fig:<52} {value:>7.2f}{unit:>2}  {target:<10} {verdict}")
+    for fig, value, unit, target, ok in lines:
+        if "batching on / off req/s @64" in fig:
+            record("serving: batching on/off req/s @64 conns", value, "x", target=target)
+        elif fig.startswith("gRPC / REST"):
+            record("serving: gRPC/REST req/s @8 conns", value, "x", target=target)
 
 
 def print_targets(rows: list[Row]) -> None:
@@ -596,7 +830,8 @@ def main() -> int:
     p.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for a server (default 120)")
     p.add_argument("--budget", type=float, default=900.0,
                    help="seconds for all server runs; servers not started by then are skipped (default 900)")
-    p.add_argument("--only", default="", help="comma list of: mlflowctl,mlflowctl-tf,seldon,seldon-2w,mlserver")
+    p.add_argument("--only", default="", help="comma list of: mlflowctl,mlflowctl-batching,mlflowctl-tf,seldon,"
+                                              "seldon-2w,mlserver")
     p.add_argument("--model", default="", help="a version folder (classifier SavedModel + concept/); default: "
                                                 "the newest complete one in .mlflowctl/store, else a tiny one trained once")
     p.add_argument("--no-install", action="store_true", help="skip a peer whose venv is not cached yet")
@@ -665,6 +900,9 @@ def main() -> int:
 
     print_table(rows, skipped)
     print_targets(rows)
+    print_protocol_targets(rows)
+    for note in notes:
+        print(f"note: {note}")
     print(f"\nservers measured in {time.monotonic() - started:.0f}s; load average now "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
     print("wrk runs on the same 2 cores as the server: figures are per-machine, not per-server-core.")

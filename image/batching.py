@@ -1,7 +1,16 @@
 """Dynamic batching for the model server: concurrent requests of one version run as one model call.
 
-A request's rows are queued; the queue is flushed when ``window`` seconds have passed since its
-first request arrived, or as soon as it holds ``max_batch`` rows. A flush groups the queued
+A request's rows are queued; the queue is flushed, whichever comes first:
+
+* as soon as it holds ``max_batch`` rows;
+* as soon as it holds one request per open HTTP connection (``clients()``): an HTTP/1.1 connection
+  carries one request at a time, so nobody else can send one -- at 2 connections two requests
+  make a batch at once, at 64 the batch fills up to 64 without waiting for the window;
+* when the event loop has gone ``idle_rounds`` iterations (default 2; 0 turns it off) without
+  another request joining: the server has nothing else to do, and waiting would leave the CPU
+  idle -- the batcher is work-conserving: under load, requests pile up while the server is busy
+  parsing others and running the previous batch, so batches grow with the load by themselves;
+* when ``window`` seconds have passed since its first request arrived (the upper bound). A flush groups the queued
 requests by row shape and dtype (requests whose rows differ never share a call), concatenates
 each group, runs it once and hands every request its own slice of the outputs (and of the
 drift scores). If a batched call fails, its requests are run one by one, so each gets its own
@@ -27,6 +36,9 @@ import numpy as np
 RunFn = Callable[[np.ndarray], "tuple[dict[str, np.ndarray], np.ndarray | None]"]
 
 
+IDLE_ROUNDS = 2  # loop iterations without an arrival before an early flush
+
+
 class QueueFull(Exception):
     """The batch queue is full: the client should retry after ``retry_after`` seconds."""
 
@@ -36,7 +48,8 @@ class QueueFull(Exception):
 
 
 class Batcher:
-    def __init__(self, run: RunFn, window: float, max_batch: int, max_queue: int, pad: bool = False):
+    def __init__(self, run: RunFn, window: float, max_batch: int, max_queue: int, pad: bool = False,
+                 idle_rounds: int = IDLE_ROUNDS, clients: Callable[[], int] | None = None):
         if window < 0 or max_batch < 1 or max_queue < 1:
             raise ValueError("batching needs window >= 0, max_batch >= 1 and max_queue >= 1")
         self.run = run
@@ -44,9 +57,13 @@ class Batcher:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.pad = pad
+        self.idle_rounds = idle_rounds
+        self.clients = clients or (lambda: 0)
         self.pending: list[tuple[np.ndarray, asyncio.Future]] = []
         self.rows = 0
         self.timer: asyncio.TimerHandle | None = None
+        self.arrivals = 0          # requests ever submitted: the idle check compares it across loop iterations
+        self.idle_check = False    # an idle check is scheduled
         # statistics (the bench and the tests read them through the drift/monitor JSON)
         self.batches = 0
         self.batched_requests = 0
@@ -60,11 +77,28 @@ class Batcher:
         fut = loop.create_future()
         self.pending.append((x, fut))
         self.rows += x.shape[0]
-        if self.rows >= self.max_batch:
+        self.arrivals += 1
+        clients = self.clients()
+        if self.rows >= self.max_batch or 0 < clients <= len(self.pending):
             self.flush()
-        elif self.timer is None:
-            self.timer = loop.call_later(self.window, self.flush)
+        else:
+            if self.timer is None:
+                self.timer = loop.call_later(self.window, self.flush)
+            if not self.idle_check and self.idle_rounds > 0:
+                self.idle_check = True
+                loop.call_soon(self._check_idle, self.arrivals, 0)
         return await fut
+
+    def _check_idle(self, seen: int, rounds: int) -> None:
+        if not self.pending:
+            self.idle_check = False
+            return
+        rounds = rounds + 1 if self.arrivals == seen else 0
+        if rounds >= self.idle_rounds:
+            self.idle_check = False
+            self.flush()
+        else:
+            asyncio.get_running_loop().call_soon(self._check_idle, self.arrivals, rounds)
 
     def flush(self) -> None:
         if self.timer is not None:
@@ -126,6 +160,7 @@ class Batcher:
             fut.set_exception(exc)
 
     def stats(self) -> dict[str, Any]:
-        return {"window_us": round(self.window * 1e6), "max_batch": self.max_batch, "max_queue": self.max_queue,
+        return {"window_us": round(self.window * 1e6), "idle_rounds": self.idle_rounds,
+                "max_batch": self.max_batch, "max_queue": self.max_queue,
                 "batches": self.batches, "requests": self.batched_requests, "largest_batch": self.largest,
                 "queued": len(self.pending)}

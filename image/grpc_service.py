@@ -15,10 +15,13 @@ imports it after its models are loaded.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
 import numpy as np
+from tensorflow import as_dtype, make_ndarray
+from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc  # imports TensorFlow
 
 log = logging.getLogger("serve")
@@ -91,15 +94,18 @@ def _test_traffic(context: Any) -> bool:
     return any(k == "x-mlflowctl-traffic" and v == "test" for k, v in (context.invocation_metadata() or ()))
 
 
-def _dtype_enum(name: str) -> int:
-    from tensorflow import as_dtype
+# numeric DataType enum <-> little-endian numpy dtype: the fast path for tensor_content both ways
+_NUMERIC = ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
+            "uint64", "bool")
+_ENUM_TO_NP = {as_dtype(n).as_datatype_enum: np.dtype(n).newbyteorder("<") for n in _NUMERIC}
+_NP_TO_ENUM = {np.dtype(n): as_dtype(n).as_datatype_enum for n in _NUMERIC}
 
+
+def _dtype_enum(name: str) -> int:
     return as_dtype(name).as_datatype_enum
 
 
 def _dtype_name(enum: int) -> str:
-    from tensorflow.core.framework import types_pb2
-
     try:
         return types_pb2.DataType.Name(enum)
     except ValueError:
@@ -108,11 +114,16 @@ def _dtype_name(enum: int) -> str:
 
 def to_ndarray(proto: Any, where: str) -> np.ndarray:
     """A TensorProto as an array (tensor_content or the typed *_val fields); ValueError when malformed."""
-    from tensorflow import make_ndarray
-
-    for d in proto.tensor_shape.dim:
-        if d.size < 0:
-            raise ValueError(f"{where}: the tensor shape has an unknown dimension ({d.size}); send concrete sizes")
+    shape = [d.size for d in proto.tensor_shape.dim]
+    if any(d < 0 for d in shape):
+        raise ValueError(f"{where}: the tensor shape {shape} has an unknown dimension; send concrete sizes")
+    dtype = _ENUM_TO_NP.get(proto.dtype)
+    if dtype is not None and proto.tensor_content:  # what make_tensor_proto sends: the raw bytes
+        count = math.prod(shape)
+        if len(proto.tensor_content) != count * dtype.itemsize:
+            raise ValueError(f"{where}: tensor_content has {len(proto.tensor_content)} bytes, shape {shape} of "
+                             f"{_dtype_name(proto.dtype)} needs {count * dtype.itemsize}")
+        return np.frombuffer(proto.tensor_content, dtype=dtype).reshape(shape)
     try:
         return make_ndarray(proto)
     except (TypeError, ValueError) as exc:
@@ -120,12 +131,10 @@ def to_ndarray(proto: Any, where: str) -> np.ndarray:
 
 
 def to_proto(arr: np.ndarray) -> Any:
-    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2
-    from tensorflow import as_dtype
-
     arr = np.ascontiguousarray(arr)
+    enum = _NP_TO_ENUM.get(arr.dtype)
     return tensor_pb2.TensorProto(
-        dtype=as_dtype(arr.dtype).as_datatype_enum,
+        dtype=enum if enum is not None else as_dtype(arr.dtype).as_datatype_enum,
         tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d)
                                                              for d in arr.shape]),
         tensor_content=arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())

@@ -572,6 +572,11 @@ class BatchConfig:
     window: float = 0.0005      # seconds the first request of a batch waits for others
     max_batch: int = 64         # rows per model call
     max_queue: int = 1024       # requests waiting; one more is answered 503 + Retry-After
+    idle_rounds: int = 2        # flush after this many event-loop iterations without an arrival (0: never)
+    clients: Callable[[], int] | None = None  # open HTTP connections (set once the HTTP server exists)
+
+    def open_connections(self) -> int:
+        return self.clients() if self.clients is not None else 0
 
 
 def read_routing(path: Path | None, base: Path) -> Routing:
@@ -666,7 +671,8 @@ class Model:
                 elif v.batcher is None:
                     sd = v.signatures["serving_default"]
                     v.batcher = Batcher(v.runner, cfg.window, cfg.max_batch, cfg.max_queue,
-                                        pad=sd.engine == "tflite" or (v.concept is not None and v.concept.sig.engine == "tflite"))
+                                        pad=sd.engine == "tflite" or (v.concept is not None and v.concept.sig.engine == "tflite"),
+                                        idle_rounds=cfg.idle_rounds, clients=cfg.open_connections)
             # swap
             label_map = {lab: versions[n] for lab, n in routing.labels.items() if n in versions}
             default = label_map.get("stable") or (versions[max(versions)] if versions else None)
@@ -1491,6 +1497,10 @@ def main(argv: list[str] | None = None) -> int:
                         "'batching' overrides it per version)")
     p.add_argument("--batch-window-us", type=int, default=int(os.environ.get("BATCH_WINDOW_US", "500")),
                    help="microseconds the first request of a batch waits for others")
+    p.add_argument("--batch-idle-rounds", type=int, default=int(os.environ.get("BATCH_IDLE_ROUNDS", "2")),
+                   help="flush a batch once the event loop has run this many iterations without a new request "
+                        "(work-conserving: the CPU never idles while requests wait); 0 = wait for the window, a full "
+                        "batch or one request per open connection")
     p.add_argument("--max-batch", type=int, default=int(os.environ.get("MAX_BATCH", "64")),
                    help="rows per batched model call")
     p.add_argument("--batch-queue", type=int, default=int(os.environ.get("BATCH_QUEUE", "1024")),
@@ -1511,9 +1521,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("serve: --max-body-bytes must be at least 1024")
     if not 0 <= args.grpc_port <= 65535:
         raise SystemExit("serve: --grpc-port must be between 0 (gRPC off) and 65535")
-    if args.batch_window_us < 0 or args.max_batch < 1 or args.batch_queue < 1:
-        raise SystemExit("serve: --batch-window-us must be >= 0, --max-batch and --batch-queue >= 1")
-    batching = BatchConfig(args.batching == "on", args.batch_window_us / 1e6, args.max_batch, args.batch_queue)
+    if args.batch_window_us < 0 or args.batch_idle_rounds < 0 or args.max_batch < 1 or args.batch_queue < 1:
+        raise SystemExit("serve: --batch-window-us and --batch-idle-rounds must be >= 0, --max-batch and "
+                         "--batch-queue >= 1")
+    batching = BatchConfig(args.batching == "on", args.batch_window_us / 1e6, args.max_batch, args.batch_queue,
+                           args.batch_idle_rounds)
     grpc_host = args.grpc_host or args.host
 
     sock = bind_socket(args.host, args.port)  # fail fast (port in use) before the slow TF import
@@ -1578,6 +1590,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{'; batching on' if batching.enabled else ''}", flush=True)
 
     server = Server(config)
+    connections = server.server_state.connections  # the batcher flushes once every connection has a request queued
+    batching.clients = connections.__len__
     server.run(sockets=[sock])
     if app.startup_error:
         raise SystemExit(f"serve: {app.startup_error}")

@@ -502,7 +502,8 @@ def test_batching_mixed_requests_each_get_their_own_answer(server, batching_serv
 
 def test_batching_queue_full_is_503_with_retry_after(registry, tmp_path_factory):
     srv = start(registry, tmp_path_factory, "tinyqueue",
-                ["--batching", "on", "--batch-window-us", "400000", "--batch-queue", "2", "--grpc-port", "0"])
+                ["--batching", "on", "--batch-window-us", "400000", "--batch-idle-rounds", "0", "--batch-queue", "2",
+                 "--grpc-port", "0"])
     try:
         body = json.dumps({"instances": [[0.0] * 784]})
 

@@ -423,16 +423,16 @@ def grpc_errors(metrics_url: str) -> int:
     return int(total)
 
 
-def batch_note(drift_url: str) -> str:
-    """The batcher's statistics so far (mean rows per model call), from the drift JSON."""
+def batch_stats(drift_url: str) -> tuple[int, int]:
+    """(requests, model calls) of the batcher so far, from the drift JSON ((0, 0) without one)."""
+    if not drift_url:
+        return 0, 0
     try:
         _, data = http("GET", drift_url)
-        stats = json.loads(data)["versions"]["1"]["batching"]
+        stats = json.loads(data)["versions"]["1"]["batching"] or {}
+        return int(stats.get("requests", 0)), int(stats.get("batches", 0))
     except (OSError, urllib.error.URLError, ValueError, KeyError, TypeError):
-        return ""
-    if not stats or not stats.get("batches"):
-        return ""
-    return f"{stats['requests'] / stats['batches']:.1f} req/batch"
+        return 0, 0
 
 
 def grpc_body(image: list[float]) -> bytes:
@@ -588,6 +588,7 @@ def run_server(srv: Server, args: argparse.Namespace, tmp: Path) -> tuple[list[R
                     rows.append(Row(load.label, load.conns, note=f"check failed: {exc}"[:200]))
                     continue
             bad0 = grpc_errors(srv.metrics_url) if load.tool == "h2load" else 0
+            batched0 = batch_stats(srv.drift_url)
             cpu0 = group_cpu(proc.pid)
             if load.tool == "h2load":
                 row = run_h2load(load, tmp, args.duration)
@@ -603,8 +604,10 @@ def run_server(srv: Server, args: argparse.Namespace, tmp: Path) -> tuple[list[R
                 row.errors += max(0, grpc_errors(srv.metrics_url) - bad0)
             if row.requests:
                 row.cpu_us = cpu / row.requests * 1e6
-            if srv.drift_url:
-                row.note = (row.note + "; " if row.note else "") + batch_note(srv.drift_url)
+            batched = batch_stats(srv.drift_url)
+            if batched[1] > batched0[1]:
+                per = (batched[0] - batched0[0]) / (batched[1] - batched0[1])
+                row.note = (row.note + "; " if row.note else "") + f"{per:.1f} req/batch"
             rows.append(row)
             print(f"   {load.label} c={load.conns}: {row.rps:.0f} req/s, p50 {row.p50:.2f} ms, p99 {row.p99:.2f} ms, "
                   f"errors {row.errors}, server CPU {row.cpu_us:.0f} us/req {row.note}".rstrip(), flush=True)

@@ -27,7 +27,10 @@ independent in the served models, so padding never changes a real row's answer.
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
+import os
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -37,6 +40,46 @@ RunFn = Callable[[np.ndarray], "tuple[dict[str, np.ndarray], np.ndarray | None]"
 
 
 IDLE_ROUNDS = 2  # loop iterations without an arrival before an early flush
+
+
+@dataclass
+class BatchConfig:
+    """The server's batching settings (``--batching`` ...): the default of every version, which the
+    routing file's ``"batching": {"<version>": true|false}`` overrides."""
+
+    enabled: bool = False
+    window: float = 0.0005      # seconds the first request of a batch waits for others at most
+    max_batch: int = 64         # rows per model call
+    max_queue: int = 1024       # requests waiting; one more is answered 503 + Retry-After
+    idle_rounds: int = IDLE_ROUNDS
+    clients: Callable[[], int] | None = None  # open HTTP connections (set once the HTTP server exists)
+
+    def open_connections(self) -> int:
+        return self.clients() if self.clients is not None else 0
+
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        env = os.environ.get
+        p.add_argument("--batching", default=env("BATCHING", "off"), choices=["off", "on"],
+                       help="dynamic batching of concurrent serving_default requests (the routing file's "
+                            "'batching' overrides it per version)")
+        p.add_argument("--batch-window-us", type=int, default=int(env("BATCH_WINDOW_US", "500")),
+                       help="microseconds the first request of a batch waits for others at most")
+        p.add_argument("--batch-idle-rounds", type=int, default=int(env("BATCH_IDLE_ROUNDS", str(IDLE_ROUNDS))),
+                       help="flush a batch once the event loop has run this many iterations without a new request "
+                            "(work-conserving: the CPU never idles while requests wait); 0 = wait for the window, "
+                            "a full batch or one request per open connection")
+        p.add_argument("--max-batch", type=int, default=int(env("MAX_BATCH", "64")), help="rows per batched model call")
+        p.add_argument("--batch-queue", type=int, default=int(env("BATCH_QUEUE", "1024")),
+                       help="requests waiting for a batch; beyond it requests are answered 503 + Retry-After")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "BatchConfig":
+        if args.batch_window_us < 0 or args.batch_idle_rounds < 0 or args.max_batch < 1 or args.batch_queue < 1:
+            raise ValueError("--batch-window-us and --batch-idle-rounds must be >= 0, --max-batch and "
+                             "--batch-queue >= 1")
+        return cls(args.batching == "on", args.batch_window_us / 1e6, args.max_batch, args.batch_queue,
+                   args.batch_idle_rounds)
 
 
 class QueueFull(Exception):

@@ -21,7 +21,13 @@ HTTP surface (all JSON errors are ``{"error": "<message>"}``):
   ``POST /v1/models/{m}[/versions/{v}|/labels/{l}]:predict`` (row and columnar forms).
 * Open Inference Protocol V2: ``/v2``, ``/v2/health/{live,ready}``,
   ``/v2/models/{m}[/versions/{v}][/ready|/infer]``.
+  With the binary tensor extension (``Inference-Header-Content-Length``; v2_binary.py).
 * ``GET /metrics`` (Prometheus), ``GET /monitor/v1/models/{m}/drift`` (JSON for the monitor).
+
+gRPC (``--grpc-port``, 8500 by default, 0 = off): TF Serving's ``PredictionService`` (Predict,
+GetModelMetadata) and ``ModelService`` (GetModelStatus) on the same event loop (grpc_service.py).
+Dynamic batching (``--batching on``, or per version in the routing file's ``"batching"``):
+concurrent serving_default requests of a version share model calls (batching.py).
 
 Performance choices (measured on the pipeline's MLPs, batch-1 predict with drift scoring):
 
@@ -69,7 +75,7 @@ import numpy as np  # noqa: E402
 import orjson  # noqa: E402
 
 import v2_binary  # noqa: E402 - the modules next to this script (its folder is sys.path[0])
-from batching import Batcher, QueueFull  # noqa: E402
+from batching import BatchConfig, Batcher, QueueFull  # noqa: E402
 
 SERVER_NAME = "mlflowctl-model-server"
 SERVER_VERSION = "0.1.0"
@@ -562,21 +568,6 @@ class Routing:
     canary_weight: float
     explicit: bool  # False = no routing file: serve the highest version
     batching: dict[int, bool] = field(default_factory=dict)  # per-version override of the server's default
-
-
-@dataclass
-class BatchConfig:
-    """Dynamic batching (``--batching``): the server-wide default, overridable per version in the routing file."""
-
-    enabled: bool = False
-    window: float = 0.0005      # seconds the first request of a batch waits for others
-    max_batch: int = 64         # rows per model call
-    max_queue: int = 1024       # requests waiting; one more is answered 503 + Retry-After
-    idle_rounds: int = 2        # flush after this many event-loop iterations without an arrival (0: never)
-    clients: Callable[[], int] | None = None  # open HTTP connections (set once the HTTP server exists)
-
-    def open_connections(self) -> int:
-        return self.clients() if self.clients is not None else 0
 
 
 def read_routing(path: Path | None, base: Path) -> Routing:
@@ -1475,7 +1466,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="mlflowctl model server (TF Serving REST + Open Inference V2 + drift)")
+    p = argparse.ArgumentParser(description="mlflowctl model server (TF Serving REST and gRPC + Open Inference V2 "
+                                            "+ drift)")
     p.add_argument("--model-name", default=os.environ.get("MODEL_NAME", "model"))
     p.add_argument("--base-path", default=None, help="registry folder of the model (default $MODEL_BASE_PATH/<name>)")
     p.add_argument("--routing", default=os.environ.get("ROUTING_FILE") or None,
@@ -1492,19 +1484,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="port of TF Serving's gRPC API (PredictionService, ModelService); 0 turns gRPC off")
     p.add_argument("--grpc-host", default=os.environ.get("GRPC_HOST") or None,
                    help="address the gRPC API listens on (default: --host)")
-    p.add_argument("--batching", default=os.environ.get("BATCHING", "off"), choices=["off", "on"],
-                   help="dynamic batching of concurrent serving_default requests (the routing file's "
-                        "'batching' overrides it per version)")
-    p.add_argument("--batch-window-us", type=int, default=int(os.environ.get("BATCH_WINDOW_US", "500")),
-                   help="microseconds the first request of a batch waits for others")
-    p.add_argument("--batch-idle-rounds", type=int, default=int(os.environ.get("BATCH_IDLE_ROUNDS", "2")),
-                   help="flush a batch once the event loop has run this many iterations without a new request "
-                        "(work-conserving: the CPU never idles while requests wait); 0 = wait for the window, a full "
-                        "batch or one request per open connection")
-    p.add_argument("--max-batch", type=int, default=int(os.environ.get("MAX_BATCH", "64")),
-                   help="rows per batched model call")
-    p.add_argument("--batch-queue", type=int, default=int(os.environ.get("BATCH_QUEUE", "1024")),
-                   help="requests waiting for a batch; beyond it requests are answered 503 + Retry-After")
+    BatchConfig.add_arguments(p)
     p.add_argument("--http", default="auto", choices=["auto", "httptools", "h11"],
                    help="uvicorn HTTP parser (auto: httptools when installed)")
     p.add_argument("--loop", default="auto", choices=["auto", "uvloop", "asyncio"],
@@ -1521,11 +1501,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("serve: --max-body-bytes must be at least 1024")
     if not 0 <= args.grpc_port <= 65535:
         raise SystemExit("serve: --grpc-port must be between 0 (gRPC off) and 65535")
-    if args.batch_window_us < 0 or args.batch_idle_rounds < 0 or args.max_batch < 1 or args.batch_queue < 1:
-        raise SystemExit("serve: --batch-window-us and --batch-idle-rounds must be >= 0, --max-batch and "
-                         "--batch-queue >= 1")
-    batching = BatchConfig(args.batching == "on", args.batch_window_us / 1e6, args.max_batch, args.batch_queue,
-                           args.batch_idle_rounds)
+    try:
+        batching = BatchConfig.from_args(args)
+    except ValueError as exc:
+        raise SystemExit(f"serve: {exc}") from None
     grpc_host = args.grpc_host or args.host
 
     sock = bind_socket(args.host, args.port)  # fail fast (port in use) before the slow TF import

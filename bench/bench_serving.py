@@ -430,7 +430,7 @@ def batch_stats(drift_url: str) -> tuple[int, int]:
     try:
         _, data = http("GET", drift_url)
         stats = json.loads(data)["versions"]["1"]["batching"] or {}
-        return int(stats.get("requests", 0)), int(stats.get("batches", 0))
+        return int(stats.get("requests", 0)), int(stats.get("batches", 0)) + int(stats.get("run_at_once", 0))
     except (OSError, urllib.error.URLError, ValueError, KeyError, TypeError):
         return 0, 0
 

@@ -10,7 +10,12 @@ A request's rows are queued; the queue is flushed, whichever comes first:
   another request joining: the server has nothing else to do, and waiting would leave the CPU
   idle -- the batcher is work-conserving: under load, requests pile up while the server is busy
   parsing others and running the previous batch, so batches grow with the load by themselves;
-* when ``window`` seconds have passed since its first request arrived (the upper bound). A flush groups the queued
+* when ``window`` seconds have passed since its first request arrived (the upper bound).
+
+At low concurrency batching only costs latency (a batch of one still waits for the loop to go
+idle), so while recent batches average fewer than ``BYPASS_BELOW`` requests a request that finds
+the queue empty runs at once, as without batching; every ``PROBE_EVERY``-th still goes through
+the queue, so rising load is noticed and batching resumes. A flush groups the queued
 requests by row shape and dtype (requests whose rows differ never share a call), concatenates
 each group, runs it once and hands every request its own slice of the outputs (and of the
 drift scores). If a batched call fails, its requests are run one by one, so each gets its own
@@ -39,7 +44,9 @@ import numpy as np
 RunFn = Callable[[np.ndarray], "tuple[dict[str, np.ndarray], np.ndarray | None]"]
 
 
-IDLE_ROUNDS = 2  # loop iterations without an arrival before an early flush
+IDLE_ROUNDS = 2      # loop iterations without an arrival before an early flush
+BYPASS_BELOW = 2.0   # mean requests per batch (moving average) under which requests run at once
+PROBE_EVERY = 16     # ... except every this many, which is queued to measure the load again
 
 
 @dataclass
@@ -106,6 +113,10 @@ class Batcher:
         self.rows = 0
         self.timer: asyncio.TimerHandle | None = None
         self.arrivals = 0          # requests ever submitted: the idle check compares it across loop iterations
+        self.first = 0.0           # loop time of the oldest queued request
+        self.mean = float(BYPASS_BELOW)  # moving average of requests per batch
+        self.since_probe = 0
+        self.bypassed = 0
         self.idle_check = False    # an idle check is scheduled
         # statistics (the bench and the tests read them through the drift/monitor JSON)
         self.batches = 0
@@ -114,34 +125,42 @@ class Batcher:
 
     async def submit(self, x: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
         """The outputs (and drift scores) of ``x``'s rows, computed in a batch with other requests."""
+        if not self.pending and self.mean < BYPASS_BELOW and self.since_probe < PROBE_EVERY:
+            self.since_probe += 1
+            self.bypassed += 1
+            return self.run(x)  # low concurrency: no one to batch with, do not wait for them
+        self.since_probe = 0
         if len(self.pending) >= self.max_queue:
             raise QueueFull(len(self.pending))
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
+        if not self.pending:
+            self.first = loop.time()
         self.pending.append((x, fut))
         self.rows += x.shape[0]
         self.arrivals += 1
         clients = self.clients()
         if self.rows >= self.max_batch or 0 < clients <= len(self.pending):
             self.flush()
-        else:
-            if self.timer is None:
-                self.timer = loop.call_later(self.window, self.flush)
-            if not self.idle_check and self.idle_rounds > 0:
+        elif self.idle_rounds > 0:  # the idle check runs every loop iteration anyway: it keeps the window too
+            if not self.idle_check:
                 self.idle_check = True
                 loop.call_soon(self._check_idle, self.arrivals, 0)
+        elif self.timer is None:
+            self.timer = loop.call_later(self.window, self.flush)
         return await fut
 
     def _check_idle(self, seen: int, rounds: int) -> None:
         if not self.pending:
             self.idle_check = False
             return
+        loop = asyncio.get_running_loop()
         rounds = rounds + 1 if self.arrivals == seen else 0
-        if rounds >= self.idle_rounds:
+        if rounds >= self.idle_rounds or loop.time() - self.first >= self.window:
             self.idle_check = False
             self.flush()
         else:
-            asyncio.get_running_loop().call_soon(self._check_idle, self.arrivals, rounds)
+            loop.call_soon(self._check_idle, self.arrivals, rounds)
 
     def flush(self) -> None:
         if self.timer is not None:
@@ -162,6 +181,11 @@ class Batcher:
                 self._run_group(items[start:end], rows)
                 start = end
 
+    def buckets(self) -> list[int]:
+        """The batch sizes a padded batcher runs (powers of two up to ``max_batch``), to warm up."""
+        sizes = {self._bucket(n) for n in range(2, self.max_batch + 1)} if self.pad else set()
+        return sorted(sizes)
+
     def _bucket(self, rows: int) -> int:
         size = 1
         while size < rows:
@@ -175,6 +199,7 @@ class Batcher:
         self.batches += 1
         self.batched_requests += len(live)
         self.largest = max(self.largest, rows)
+        self.mean = 0.8 * self.mean + 0.2 * len(live)
         if len(live) == 1:
             self._run_one(*live[0])
             return
@@ -205,5 +230,5 @@ class Batcher:
     def stats(self) -> dict[str, Any]:
         return {"window_us": round(self.window * 1e6), "idle_rounds": self.idle_rounds,
                 "max_batch": self.max_batch, "max_queue": self.max_queue,
-                "batches": self.batches, "requests": self.batched_requests, "largest_batch": self.largest,
-                "queued": len(self.pending)}
+                "batches": self.batches, "requests": self.batched_requests + self.bypassed, "largest_batch": self.largest,
+                "queued": len(self.pending), "run_at_once": self.bypassed, "mean_batch": round(self.mean, 2)}

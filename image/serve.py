@@ -52,6 +52,7 @@ import argparse
 import asyncio
 import bisect
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -263,7 +264,7 @@ def _tf_runner(sig: Signature) -> Callable[[dict[str, np.ndarray]], dict[str, np
 
 # ------------------------------------------------------------------------------- TFLite engine
 ENGINE = "auto"          # auto: TFLite when it converts and matches TF on probe inputs; tf: TensorFlow only
-LITE_MAX_SHAPES = 8      # interpreters kept per signature, one per distinct batch shape
+LITE_MAX_SHAPES = 16     # interpreters kept per signature, one per distinct batch shape (batching pads to 7 sizes)
 
 
 def _interpreter_class() -> Any:
@@ -552,6 +553,18 @@ def load_version(base: Path, number: int) -> Version:
     return v
 
 
+def _warm_up(v: Version, sizes: list[int]) -> None:
+    sd = v.signatures["serving_default"].single_input
+    if sd.shape is None or any(d == -1 for d in sd.shape[1:]) or sd.np_dtype in (None, object):
+        return
+    for size in sizes:
+        try:
+            v.runner(np.zeros((size, *sd.shape[1:]), sd.np_dtype))
+        except Exception as exc:  # noqa: BLE001 - a failing size fails again, per request, with its message
+            log.warning("version %d: warm-up of batch size %d failed: %s", v.number, size, exc)
+            return
+
+
 def scan_versions(base: Path) -> list[int]:
     try:
         names = os.listdir(base)
@@ -658,12 +671,15 @@ class Model:
             cfg = self.batching
             for n, v in versions.items():
                 if not routing.batching.get(n, cfg.enabled) or v.runner is None:
-                    v.batcher = None  # requests already queued still get their answers (the timer holds them)
+                    v.batcher = None  # requests already queued still get their answers (the loop holds them)
                 elif v.batcher is None:
                     sd = v.signatures["serving_default"]
-                    v.batcher = Batcher(v.runner, cfg.window, cfg.max_batch, cfg.max_queue,
-                                        pad=sd.engine == "tflite" or (v.concept is not None and v.concept.sig.engine == "tflite"),
-                                        idle_rounds=cfg.idle_rounds, clients=cfg.open_connections)
+                    batcher = Batcher(v.runner, cfg.window, cfg.max_batch, cfg.max_queue,
+                                      pad=sd.engine == "tflite" or (v.concept is not None and v.concept.sig.engine == "tflite"),
+                                      idle_rounds=cfg.idle_rounds, clients=cfg.open_connections)
+                    if n not in self.versions:  # not serving yet: build each batch size's interpreters now,
+                        _warm_up(v, batcher.buckets())  # not on a client's time (TFLite shapes are static)
+                    v.batcher = batcher
             # swap
             label_map = {lab: versions[n] for lab, n in routing.labels.items() if n in versions}
             default = label_map.get("stable") or (versions[max(versions)] if versions else None)
@@ -1540,6 +1556,10 @@ def main(argv: list[str] | None = None) -> int:
 
         grpc_server = GrpcServer(None, grpc_host, args.grpc_port, args.max_body_bytes)
     app = App(model, metrics, args.max_body_bytes, grpc_server)
+    # TensorFlow leaves ~10^6 long-lived objects: a full collection walking them stalls the event loop for
+    # tens of ms. Freezing what exists now keeps them out of every later collection.
+    gc.collect()
+    gc.freeze()
     if grpc_server is not None:
         grpc_server.app = app
 

@@ -504,6 +504,10 @@ def test_batching_queue_full_is_503_with_retry_after(registry, tmp_path_factory)
     srv = start(registry, tmp_path_factory, "tinyqueue",
                 ["--batching", "on", "--batch-window-us", "400000", "--batch-idle-rounds", "0", "--batch-queue", "2",
                  "--grpc-port", "0"])
+    import socket
+
+    # idle keep-alive clients: the batch cannot close on "one request per open connection" before the window
+    idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(10)]
     try:
         body = json.dumps({"instances": [[0.0] * 784]})
 
@@ -522,6 +526,8 @@ def test_batching_queue_full_is_503_with_retry_after(registry, tmp_path_factory)
                 assert code == 200 and np.argmax(payload["predictions"][0]) == 2
         assert requests.post(f"{srv.url}/v1/models/{NAME}/versions/2:predict", data=body, timeout=60).status_code == 200
     finally:
+        for sock in idle:
+            sock.close()
         srv.stop()
 
 
@@ -579,3 +585,18 @@ def test_integration_test_grpc_failures_are_one_line(server, tmp_path):
     proc, _ = run_integration(tmp_path / "c", {**base, "version": 7, "grpc": server.grpc_target}, TRANSPORT="grpc")
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 5 and len(lines) == 1 and "NOT_FOUND" in lines[0], proc.stderr
+
+
+def test_batching_one_client_runs_at_once(server, batching_server):
+    """Sequential requests have no one to batch with: after the first few they run at once (no waiting)."""
+    x = images(40, seed=11)
+    before = drift(batching_server)["versions"]["2"]["batching"]
+    with requests.Session() as s:
+        for i in range(40):
+            r = s.post(f"{batching_server.url}/v1/models/{NAME}/versions/2:predict",
+                       data=json.dumps({"instances": x[i:i + 1].tolist()}), timeout=30)
+            assert r.status_code == 200
+            np.testing.assert_array_equal(np.asarray(r.json()["predictions"], np.float32), rest_predict(server, x[i:i + 1]))
+    after = drift(batching_server)["versions"]["2"]["batching"]
+    assert after["requests"] - before["requests"] == 40
+    assert after["run_at_once"] - before["run_at_once"] >= 30, (before, after)

@@ -533,81 +533,105 @@ class Load:
     check: Callable[[], str] | None = None  # raises ValueError when the server answers wrongly
 
 
-def run_server(srv: Server, args: argparse.Namespace, tmp: Path) -> tuple[list[Row], str]:
-    """Start, check, load and stop one server; (rows, note)."""
+def start_server(srv: Server, args: argparse.Namespace, tmp: Path) -> tuple[subprocess.Popen | None, str]:
+    """Start one server, wait until ready, check one answer, warm up; (process or None, why not)."""
     if srv.setup:
         srv.setup()
-    loads = srv.loads or [Load(srv.label, c, srv.predict_url, srv.body, {"Content-Type": "application/json"})
-                          for c in (2, 8)]
-    script = wrk_script(tmp, srv.key, srv.body, {"Content-Type": "application/json"})
     log_path = tmp / f"{srv.key}.log"
     print(f"\n-- {srv.label}: starting ({' '.join(srv.cmd[:3])} ...)", flush=True)
     t0 = time.monotonic()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(srv.cmd, cwd=srv.cwd, env=srv.env, stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-    rows: list[Row] = []
-    note = ""
 
     def log_tail() -> str:
         lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
         return " | ".join(lines[-3:])[-400:]
 
-    try:
-        deadline = t0 + args.ready_timeout
-        ready = False
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                return rows, f"exited with {proc.returncode} before ready: {log_tail()}"
-            try:
-                status, _ = http("GET", srv.ready_url, timeout=2)
-                if status == 200:
-                    ready = True
-                    break
-            except (OSError, urllib.error.URLError):
-                pass
-            time.sleep(0.25)
-        if not ready:
-            return rows, f"not ready after {args.ready_timeout:g}s: {log_tail()}"
-        print(f"   ready in {time.monotonic() - t0:.1f}s", flush=True)
-        status, data = http("POST", srv.predict_url, srv.body, timeout=30)
+    def give_up(why: str) -> tuple[None, str]:
+        print(f"   {stop(proc, srv.ports)}", flush=True)
+        return None, why
+
+    deadline = t0 + args.ready_timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return give_up(f"exited with {proc.returncode} before ready: {log_tail()}")
         try:
-            ok, what = (status == 200, "") if status != 200 else check_probs(srv.probs(json.loads(data)))
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
-            ok, what = False, f"unexpected answer ({type(exc).__name__}): {data[:160]!r}"
-        if not ok:
-            return rows, f"check request failed: HTTP {status} {what or data[:160]!r}"
-        print(f"   check: {what}", flush=True)
-        if args.warmup > 0:
-            run_wrk(srv.predict_url, script, 2, 8, args.warmup, latency=False)
-        for i, load in enumerate(loads):
-            if load.check is not None:
-                try:
-                    print(f"   check {load.label}: {load.check()}", flush=True)
-                except (ValueError, KeyError, OSError, urllib.error.URLError) as exc:
-                    rows.append(Row(load.label, load.conns, note=f"check failed: {exc}"[:200]))
-                    continue
-            bad0 = grpc_errors(srv.metrics_url) if load.tool == "h2load" else 0
-            batched0 = batch_stats(srv.drift_url)
-            cpu0 = group_cpu(proc.pid)
-            if load.tool == "h2load":
-                row = run_h2load(load, tmp, args.duration)
-            else:
-                wscript = script if load.body == srv.body and load.url == srv.predict_url else \
-                    wrk_script(tmp, f"{srv.key}-{i}", load.body, load.headers)
-                out = run_wrk(load.url, wscript, 1 if load.conns <= 2 else 2, load.conns, args.duration)
-                row = parse_wrk(out, Row(load.label, load.conns))
-                if row.rps != row.rps:
-                    row.note = "wrk output not understood: " + " | ".join(out.strip().splitlines()[-3:])[:200]
-            cpu = group_cpu(proc.pid) - cpu0
-            if load.tool == "h2load":
-                row.errors += max(0, grpc_errors(srv.metrics_url) - bad0)
-            if row.requests:
-                row.cpu_us = cpu / row.requests * 1e6
-            batched = batch_stats(srv.drift_url)
-            if batched[1] > batched0[1]:
-                per = (batched[0] - batched0[0]) / (batched[1] - batched0[1])
-                row.note = (row.note + "; " if row.note else "") + f"{per:.1f} req/batch"
+            status, _ = http("GET", srv.ready_url, timeout=2)
+            if status == 200:
+                break
+        except (OSError, urllib.error.URLError):
+            pass
+        time.sleep(0.25)
+    else:
+        return give_up(f"not ready after {args.ready_timeout:g}s: {log_tail()}")
+    print(f"   ready in {time.monotonic() - t0:.1f}s", flush=True)
+    status, data = http("POST", srv.predict_url, srv.body, timeout=30)
+    try:
+        ok, what = (status == 200, "") if status != 200 else check_probs(srv.probs(json.loads(data)))
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        ok, what = False, f"unexpected answer ({type(exc).__name__}): {data[:160]!r}"
+    if not ok:
+        return give_up(f"check request failed: HTTP {status} {what or data[:160]!r}")
+    print(f"   check: {what}", flush=True)
+    if args.warmup > 0:
+        run_wrk(srv.predict_url, wrk_script(tmp, srv.key, srv.body, {"Content-Type": "application/json"}), 2, 8,
+                args.warmup, latency=False)
+    return proc, ""
+
+
+def measure(srv: Server, proc: subprocess.Popen, load: Load, tmp: Path, seconds: float) -> Row:
+    """One run of ``load`` against the running ``srv``: a row with the server's CPU per request."""
+    bad0 = grpc_errors(srv.metrics_url) if load.tool == "h2load" else 0
+    batched0 = batch_stats(srv.drift_url)
+    cpu0 = group_cpu(proc.pid)
+    if load.tool == "h2load":
+        row = run_h2load(load, tmp, seconds)
+    else:
+        key = f"{srv.key}-{abs(hash((load.url, load.body))) % 10**8}"
+        out = run_wrk(load.url, wrk_script(tmp, key, load.body, load.headers), 1 if load.conns <= 2 else 2,
+                      load.conns, seconds)
+        row = parse_wrk(out, Row(load.label, load.conns))
+        if row.rps != row.rps:
+            row.note = "wrk output not understood: " + " | ".join(out.strip().splitlines()[-3:])[:200]
+    cpu = group_cpu(proc.pid) - cpu0
+    if load.tool == "h2load":
+        row.errors += max(0, grpc_errors(srv.metrics_url) - bad0)
+    if row.requests:
+        row.cpu_us = cpu / row.requests * 1e6
+    batched = batch_stats(srv.drift_url)
+    if batched[1] > batched0[1]:
+        per = (batched[0] - batched0[0]) / (batched[1] - batched0[1])
+        row.note = (row.note + "; " if row.note else "") + f"{per:.1f} req/batch"
+    return row
+
+
+def run_checks(load: Load) -> str:
+    """'' when the load's own check passes (or it has none), else why not."""
+    if load.check is None:
+        return ""
+    try:
+        print(f"   check {load.label}: {load.check()}", flush=True)
+        return ""
+    except (ValueError, KeyError, OSError, urllib.error.URLError) as exc:
+        return f"check failed: {exc}"[:200]
+
+
+def run_server(srv: Server, args: argparse.Namespace, tmp: Path) -> tuple[list[Row], str]:
+    """Start, check, load and stop one server; (rows, note)."""
+    loads = srv.loads or [Load(srv.label, c, srv.predict_url, srv.body, {"Content-Type": "application/json"})
+                          for c in (2, 8)]
+    proc, note = start_server(srv, args, tmp)
+    if proc is None:
+        return [], note
+    rows: list[Row] = []
+    try:
+        for load in loads:
+            failed = run_checks(load)
+            if failed:
+                rows.append(Row(load.label, load.conns, note=failed))
+                continue
+            row = measure(srv, proc, load, tmp, args.duration)
             rows.append(row)
             print(f"   {load.label} c={load.conns}: {row.rps:.0f} req/s, p50 {row.p50:.2f} ms, p99 {row.p99:.2f} ms, "
                   f"errors {row.errors}, server CPU {row.cpu_us:.0f} us/req {row.note}".rstrip(), flush=True)
@@ -615,8 +639,70 @@ def run_server(srv: Server, args: argparse.Namespace, tmp: Path) -> tuple[list[R
         stopped = stop(proc, srv.ports)
         print(f"   {stopped}", flush=True)
         if "WARNING" in stopped:
-            note = (note + "; " if note else "") + stopped
+            note = stopped
     return rows, note
+
+
+def median(values: list[float]) -> float:
+    values = sorted(v for v in values if v == v)
+    if not values:
+        return float("nan")
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def run_pairs(servers: list[Server], args: argparse.Namespace, tmp: Path) -> list[tuple[str, Row, Row]]:
+    """Issue 14's comparisons, each side measured alternately (A B A B ...) ``--pairs`` times for
+    ``--pair-duration`` s, so a load change on the shared machine hits both sides alike; medians."""
+    by_key = {s.key: s for s in servers}
+    plain, batching = by_key.get("mlflowctl"), by_key.get("mlflowctl-batching")
+    if plain is None:
+        return []
+    loads = {ld.label + f"@{ld.conns}": ld for ld in plain.loads or []}
+    want = [("gRPC vs REST @8", (plain, loads.get("mlflowctl (auto)@8")), (plain, loads.get("mlflowctl gRPC@8"))),
+            ("V2 binary vs V2 JSON @8", (plain, loads.get("mlflowctl V2 JSON@8")),
+             (plain, loads.get("mlflowctl V2 binary@8")))]
+    if batching is not None:
+        for conns in (64, 2):
+            want.append((f"batching on vs off @{conns}", (plain, loads.get(f"mlflowctl (auto)@{conns}")),
+                         (batching, next((ld for ld in batching.loads or [] if ld.conns == conns), None))))
+    want = [w for w in want if w[1][1] is not None and w[2][1] is not None]
+    if not want or args.pairs <= 0:
+        return []
+    procs: dict[str, subprocess.Popen] = {}
+    out: list[tuple[str, Row, Row]] = []
+    print(f"\n-- paired runs: {args.pairs} x {args.pair_duration:g}s per side, alternating", flush=True)
+    try:
+        for srv in {id(w[i][0]): w[i][0] for w in want for i in (1, 2)}.values():
+            proc, note = start_server(srv, args, tmp)
+            if proc is None:
+                print(f"   paired runs skipped: {srv.label}: {note}", flush=True)
+                return []
+            procs[srv.key] = proc
+        for title, (sa, la), (sb, lb) in want:
+            if run_checks(la) or run_checks(lb):
+                continue
+            runs: dict[str, list[Row]] = {"a": [], "b": []}
+            for _ in range(args.pairs):
+                for side, srv, load in (("a", sa, la), ("b", sb, lb)):
+                    runs[side].append(measure(srv, procs[srv.key], load, tmp, args.pair_duration))
+            summary = []
+            for side, label in (("a", la.label), ("b", lb.label if lb.label != la.label else lb.label + " (b)")):
+                rs = runs[side]
+                row = Row(label, rs[0].conns, rps=median([r.rps for r in rs]), p50=median([r.p50 for r in rs]),
+                          p90=median([r.p90 for r in rs]), p99=median([r.p99 for r in rs]),
+                          requests=sum(r.requests for r in rs), errors=sum(r.errors for r in rs),
+                          cpu_us=median([r.cpu_us for r in rs]),
+                          note=f"req/s {', '.join(f'{r.rps:.0f}' for r in rs)}"
+                               + (f"; {rs[-1].note}" if rs[-1].note else ""))
+                summary.append(row)
+            out.append((title, summary[0], summary[1]))
+            print(f"   {title}: {summary[1].rps:.0f} vs {summary[0].rps:.0f} req/s (medians; "
+                  f"{summary[1].note} vs {summary[0].note})", flush=True)
+    finally:
+        for key, proc in procs.items():
+            print(f"   {by_key[key].label}: {stop(proc, by_key[key].ports)}", flush=True)
+    return out
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -748,45 +834,43 @@ def at8(rows: list[Row], server: str, conns: int = 8) -> Row | None:
     return next((r for r in rows if r.server == server and r.conns == conns and r.rps == r.rps), None)
 
 
-def print_protocol_targets(rows: list[Row]) -> None:
-    """gRPC vs REST, binary vs JSON V2, batching on vs off (issue 14's figures; printed, never asserted)."""
-    pairs = [
-        ("gRPC / REST req/s @8 conns", at8(rows, "mlflowctl gRPC"), at8(rows, "mlflowctl (auto)"), None),
-        ("V2 binary / V2 JSON req/s @8 conns", at8(rows, "mlflowctl V2 binary"), at8(rows, "mlflowctl V2 JSON"), None),
-        ("batching on / off req/s @64 conns", at8(rows, "mlflowctl batching", 64), at8(rows, "mlflowctl (auto)", 64),
-         TARGET_BATCH_GAIN),
-        ("batching on / off req/s @2 conns (no loss)", at8(rows, "mlflowctl batching", 2),
-         at8(rows, "mlflowctl (auto)", 2), 1.0),
-    ]
-    lines = []
-    for label, a, b, target in pairs:
-        if a is None or b is None:
-            continue
-        ratio = a.rps / b.rps
-        lines.append((label, ratio, "x", "(info)" if target is None else f">= {target:g}x",
-                      None if target is None else ratio >= target))
-    for label in ("mlflowctl gRPC", "mlflowctl V2 binary"):
-        r = at8(rows, label)
-        if r is not None:
-            lines.append((f"{label} p99 @8 conns", r.p99, "ms", f"<= {TARGET_P99_MS:g} ms", r.p99 <= TARGET_P99_MS))
-    b64 = at8(rows, "mlflowctl batching", 64)
-    if b64 is not None:
-        lines.append(("mlflowctl batching p99 @64 conns", b64.p99, "ms", f"<= {TARGET_P99_MS:g} ms",
-                      b64.p99 <= TARGET_P99_MS))
-    if not lines:
+def print_pairs(pairs: list[tuple[str, Row, Row]]) -> None:
+    """Issue 14's figures from the alternating runs: the two sides, their ratio, the targets (never asserted)."""
+    if not pairs:
         return
-    print("\nProtocols and batching (issue 14; printed, never asserted)")
-    head = f"{'figure':<52} {'value':>9}  {'target':<10} verdict"
+    head = f"{'comparison':<26} {'side':<22} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'CPU us/req':>10} {'errors':>6}"
+    print("\nProtocols and batching (issue 14): medians of alternating runs, same machine load for both sides")
     print(head)
     print("-" * len(head))
+    for title, a, b in pairs:
+        for r in (a, b):
+            print(f"{title:<26} {r.server:<22} {fmt(r.rps, 0):>8} {fmt(r.p50):>7} {fmt(r.p99):>7} {fmt(r.cpu_us, 0):>10} "
+                  f"{r.errors:>6}  {r.note}".rstrip())
+    targets = {"batching on vs off @64": TARGET_BATCH_GAIN, "batching on vs off @2": 1.0}
+    head = f"{'figure':<52} {'value':>9}  {'target':<10} verdict"
+    print()
+    print(head)
+    print("-" * len(head))
+    lines = []
+    for title, a, b in pairs:
+        target = targets.get(title)
+        ratio = b.rps / a.rps
+        lines.append((f"{title}: req/s ratio", ratio, "x", "(info)" if target is None else f">= {target:g}x",
+                      None if target is None else ratio >= target))
+        lines.append((f"{title}: server CPU per request ratio", b.cpu_us / a.cpu_us, "x", "(info)", None))
+        if "@2" not in title:
+            lines.append((f"{title}: {b.server} p99", b.p99, "ms", f"<= {TARGET_P99_MS:g} ms", b.p99 <= TARGET_P99_MS))
     for fig, value, unit, target, ok in lines:
-        verdict = "-" if ok is None else ("ok" if ok else "MISSED")
+        verdict = "-" if ok is None or value != value else ("ok" if ok else "MISSED")
         print(f"{fig:<52} {value:>7.2f}{unit:>2}  {target:<10} {verdict}")
-    for fig, value, unit, target, ok in lines:
-        if "batching on / off req/s @64" in fig:
-            record("serving: batching on/off req/s @64 conns", value, "x", target=target)
-        elif fig.startswith("gRPC / REST"):
-            record("serving: gRPC/REST req/s @8 conns", value, "x", target=target)
+    print()
+    for title, a, b in pairs:
+        if title.startswith("batching on vs off @64"):
+            record("serving: batching on/off req/s @64 conns", b.rps / a.rps, "x", target=f">= {TARGET_BATCH_GAIN:g}x",
+                   peer=f"off {a.rps:.0f} req/s")
+        elif title.startswith("gRPC vs REST"):
+            record("serving: gRPC/REST req/s @8 conns", b.rps / a.rps, "x", target="(info)",
+                   peer=f"REST {a.rps:.0f} req/s")
 
 
 def print_targets(rows: list[Row]) -> None:
@@ -833,6 +917,10 @@ def main() -> int:
     p.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for a server (default 120)")
     p.add_argument("--budget", type=float, default=900.0,
                    help="seconds for all server runs; servers not started by then are skipped (default 900)")
+    p.add_argument("--pairs", type=int, default=3,
+                   help="alternating rounds for issue 14's comparisons (gRPC vs REST, binary vs JSON, batching on vs "
+                        "off at 64 and 2 connections); 0 skips them (default 3)")
+    p.add_argument("--pair-duration", type=float, default=5.0, help="seconds of each side of a round (default 5)")
     p.add_argument("--only", default="", help="comma list of: mlflowctl,mlflowctl-batching,mlflowctl-tf,seldon,"
                                               "seldon-2w,mlserver")
     p.add_argument("--model", default="", help="a version folder (classifier SavedModel + concept/); default: "
@@ -878,6 +966,7 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="mlflowctl-bench-serving-"))
     rows: list[Row] = []
+    pairs: list[tuple[str, Row, Row]] = []
     started = time.monotonic()
     try:
         shutil.copytree(version_dir, tmp / "registry" / "models" / "mnist" / "1",
@@ -898,12 +987,19 @@ def main() -> int:
             elif note:
                 for r in got:
                     r.note = (r.note + "; " if r.note else "") + note
+        if time.monotonic() - started > args.budget:
+            notes.append(f"paired runs skipped: time budget {args.budget:g}s used up")
+        else:
+            try:
+                pairs = run_pairs(servers, args, tmp)
+            except (OSError, subprocess.SubprocessError) as exc:
+                notes.append(f"paired runs failed: {type(exc).__name__}: {exc}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
     print_table(rows, skipped)
     print_targets(rows)
-    print_protocol_targets(rows)
+    print_pairs(pairs)
     for note in notes:
         print(f"note: {note}")
     print(f"\nservers measured in {time.monotonic() - started:.0f}s; load average now "

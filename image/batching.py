@@ -123,12 +123,19 @@ class Batcher:
         self.batched_requests = 0
         self.largest = 0
 
-    async def submit(self, x: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-        """The outputs (and drift scores) of ``x``'s rows, computed in a batch with other requests."""
+    def run_at_once(self) -> bool:
+        """Should the next request skip the queue? (low concurrency: no one to batch with, do not wait)
+
+        The caller then runs it itself, as without batching; otherwise it calls :meth:`submit`.
+        """
         if not self.pending and self.mean < BYPASS_BELOW and self.since_probe < PROBE_EVERY:
             self.since_probe += 1
             self.bypassed += 1
-            return self.run(x)  # low concurrency: no one to batch with, do not wait for them
+            return True
+        return False
+
+    async def submit(self, x: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        """The outputs (and drift scores) of ``x``'s rows, computed in a batch with other requests."""
         self.since_probe = 0
         if len(self.pending) >= self.max_queue:
             raise QueueFull(len(self.pending))

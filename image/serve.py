@@ -1194,7 +1194,7 @@ class App:
                       test: bool = False) -> dict[str, np.ndarray]:
         """The model's outputs for ``inputs``: through the version's batcher when it has one, else inline."""
         batcher = v.batcher
-        if batcher is None or sig.name != "serving_default" or sig.single_input is None:
+        if batcher is None or sig.name != "serving_default" or sig.single_input is None or batcher.run_at_once():
             return self._run(v, sig, inputs, test)
         x = self._rows(inputs, sig)
         try:

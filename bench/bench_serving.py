@@ -23,6 +23,14 @@ What it measures
     Targets (from the issue; printed next to the figures, never asserted): at 8 connections
     mlflowctl >= 3x Seldon's requests/s, >= 1x MLServer's, p99 <= 10 ms.
 
+    Issue 14 (protocols and batching): the ``mlflowctl (auto)`` server also gets 64 connections,
+    its gRPC port (``mlflowctl gRPC``: a PredictRequest from tensorflow-serving-api's protos, loaded
+    by nghttp2's ``h2load``, one call in flight per connection) and V2 infer in JSON and with the
+    binary tensor extension; ``mlflowctl batching`` is the server with ``--batching on`` at 2, 8 and
+    64 connections. Then the issue's comparisons run again as alternating pairs (``--pairs`` rounds
+    of ``--pair-duration`` s per side, medians): gRPC vs REST @8, binary vs JSON @8, batching on vs
+    off @64 (target >= 2x req/s, p99 <= 10 ms) and @2 (no loss).
+
 How to run
     .venv/bin/python bench/bench_serving.py [--duration 8] [--warmup 2] [--only mlflowctl,seldon,...]
                                             [--model VERSION_DIR] [--no-install] [--peer-tf-threads 1]
@@ -37,7 +45,8 @@ What it installs, and where (once; cached, git-ignored)
     is the newest complete version under ``.mlflowctl/store/models/mnist/<N>/`` (classifier at
     the top, autoencoder in ``concept/`` with ``threshold.json``); without one, a tiny one is
     trained once into ``bench/.cache/serving-model/`` by the stage scripts (EPOCHS=1 STEPS=50).
-    wrk is Debian's package (``apt-get install wrk``).
+    wrk is Debian's package (``apt-get install wrk``); the gRPC rows need nghttp2's h2load
+    (``apt-get install nghttp2-client``) and are skipped with a note without it.
 """
 from __future__ import annotations
 
@@ -744,6 +753,8 @@ def make_servers(args: argparse.Namespace, tmp: Path, version_dir: Path, image: 
             infer = f"{url}/v2/models/mnist/infer"
             loads.append(Load(label, 64, predict, rest_body, rest_headers))
             try:
+                if not shutil.which("h2load"):
+                    raise ValueError("h2load is not installed (apt-get install nghttp2-client)")
                 body = grpc_body(image)
                 gurl = f"http://127.0.0.1:{gport}/tensorflow.serving.PredictionService/Predict"
                 loads += [Load("mlflowctl gRPC", c, gurl, body, {"content-type": "application/grpc", "te": "trailers"},

@@ -24,7 +24,7 @@ VENV        := .venv
 VBIN        := $(VENV)/bin
 PIP         := $(VBIN)/python -m pip
 # Re-install when any of these change (only those that exist).
-INSTALL_DEPS := $(wildcard setup.py setup.cfg pyproject.toml image/requirements.txt)
+INSTALL_DEPS := $(wildcard setup.py setup.cfg pyproject.toml image/requirements.txt image/requirements-nodeps.txt)
 STAMP       := $(VENV)/.mlflowctl-install.stamp
 
 FMNIST_DIR  ?= /usr/share/datasets/fashion-mnist
@@ -57,12 +57,14 @@ $(VBIN)/python:
 
 # An existing .venv without the stamp is reused: we just (re)install into it.
 $(STAMP): $(INSTALL_DEPS) | $(VBIN)/python
-	@for f in setup.py image/requirements.txt; do \
+	@for f in setup.py image/requirements.txt image/requirements-nodeps.txt; do \
 	  [ -f "$$f" ] || { echo "venv: ERROR: $$f is missing; run make from the repository root of a complete checkout" >&2; exit 1; }; \
 	done
 	@echo "venv: installing mlflowctl[test] and image/requirements.txt into $(VENV) (slow the first time)"
 	$(PIP) install -q --upgrade pip 'setuptools>=70' wheel
 	$(PIP) install -q -e '.[test]' -r image/requirements.txt
+	@# tensorflow-serving-api would pull the full tensorflow next to tensorflow-cpu: its needs are in requirements.txt
+	$(PIP) install -q --no-deps -r image/requirements-nodeps.txt
 	@touch $@
 	@echo "venv: ready"
 

@@ -23,8 +23,10 @@ setup(
     ],
     extras_require={
         "s3": ["boto3>=1.28"],
-        # playwright drives Debian's chromium (make browser); it never downloads a browser
-        "test": ["pytest>=7", "boto3>=1.28", "moto[server]>=5", "numpy", "playwright>=1.40", "pillow"],
+        # playwright drives Debian's chromium (make browser); it never downloads a browser;
+        # tritonclient: the usual V2 client, to test the model server's V2 API and binary tensor extension
+        "test": ["pytest>=7", "boto3>=1.28", "moto[server]>=5", "numpy", "playwright>=1.40", "pillow",
+                 "tritonclient[http]>=2.40", "kubernetes-validate>=1.30"],
     },
     entry_points={
         "console_scripts": ["mlflowctl = mlflowctl.cli:main"],

@@ -23,6 +23,14 @@ What it measures
     Targets (from the issue; printed next to the figures, never asserted): at 8 connections
     mlflowctl >= 3x Seldon's requests/s, >= 1x MLServer's, p99 <= 10 ms.
 
+    Issue 14 (protocols and batching): the ``mlflowctl (auto)`` server also gets 64 connections,
+    its gRPC port (``mlflowctl gRPC``: a PredictRequest from tensorflow-serving-api's protos, loaded
+    by nghttp2's ``h2load``, one call in flight per connection) and V2 infer in JSON and with the
+    binary tensor extension; ``mlflowctl batching`` is the server with ``--batching on`` at 2, 8 and
+    64 connections. Then the issue's comparisons run again as alternating pairs (``--pairs`` rounds
+    of ``--pair-duration`` s per side, medians): gRPC vs REST @8, binary vs JSON @8, batching on vs
+    off @64 (target >= 2x req/s, p99 <= 10 ms) and @2 (no loss).
+
 How to run
     .venv/bin/python bench/bench_serving.py [--duration 8] [--warmup 2] [--only mlflowctl,seldon,...]
                                             [--model VERSION_DIR] [--no-install] [--peer-tf-threads 1]
@@ -37,7 +45,8 @@ What it installs, and where (once; cached, git-ignored)
     is the newest complete version under ``.mlflowctl/store/models/mnist/<N>/`` (classifier at
     the top, autoencoder in ``concept/`` with ``threshold.json``); without one, a tiny one is
     trained once into ``bench/.cache/serving-model/`` by the stage scripts (EPOCHS=1 STEPS=50).
-    wrk is Debian's package (``apt-get install wrk``).
+    wrk is Debian's package (``apt-get install wrk``); the gRPC rows need nghttp2's h2load
+    (``apt-get install nghttp2-client``) and are skipped with a note without it.
 """
 from __future__ import annotations
 
@@ -84,6 +93,7 @@ MLSERVER_DISTS = ("mlserver", "tensorflow-cpu", "numpy", "protobuf", "uvicorn", 
 TARGET_SELDON = 3.0
 TARGET_MLSERVER = 1.0
 TARGET_P99_MS = 10.0
+TARGET_BATCH_GAIN = 2.0
 STOP_GRACE = 10.0
 
 
@@ -360,6 +370,145 @@ def run_wrk(url: str, script: Path, threads: int, conns: int, seconds: float, la
     return proc.stdout + proc.stderr
 
 
+def wrk_script(tmp: Path, key: str, body: bytes, headers: dict[str, str]) -> Path:
+    body_file = tmp / f"{key}.body"
+    body_file.write_bytes(body)
+    script = tmp / f"{key}.lua"
+    script.write_text('wrk.method = "POST"\n'
+                      + "".join(f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}\n" for k, v in headers.items())
+                      + f"local f = assert(io.open({json.dumps(str(body_file))}, \"rb\"))\n"
+                      "wrk.body = f:read(\"*a\")\n"
+                      "f:close()\n")
+    return script
+
+
+def run_h2load(load: Load, tmp: Path, seconds: float) -> Row:
+    """gRPC load with nghttp2's h2load: ``conns`` HTTP/2 connections, one call in flight on each (like wrk),
+    the framed request body POSTed to the method's path; latency percentiles from its per-request log."""
+    row = Row(load.label, load.conns)
+    body = tmp / "grpc-request.bin"
+    body.write_bytes(load.body)
+    log = tmp / "h2load.log"
+    log.unlink(missing_ok=True)
+    cmd = ["h2load", "-c", str(load.conns), "-m", "1", "-t", "1" if load.conns <= 2 else "2", "-D", f"{seconds:g}",
+           "-d", str(body), "--log-file", str(log), *[a for k, v in load.headers.items() for a in ("-H", f"{k}: {v}")],
+           load.url]
+    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
+                          timeout=seconds + 30)
+    out = proc.stdout + proc.stderr
+    m = re.search(r"finished in ([\d.]+)s, ([\d.]+) req/s", out)
+    if m:
+        row.rps = float(m.group(2))
+    m = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, "
+                  r"(\d+) timeout", out)
+    if m:
+        row.requests = int(m.group(3))
+        row.errors += int(m.group(4)) + int(m.group(5)) + int(m.group(6))
+    try:
+        durations = sorted(int(line.split("\t")[2]) / 1e3 for line in log.read_text().splitlines() if line.count("\t") >= 2)
+    except (OSError, ValueError, IndexError):
+        durations = []
+    if durations:
+        for pct in (50, 75, 90, 99):
+            setattr(row, f"p{pct}", durations[min(len(durations) - 1, int(len(durations) * pct / 100))])
+    if row.rps != row.rps:
+        row.note = "h2load output not understood: " + " | ".join(out.strip().splitlines()[-3:])[:200]
+    return row
+
+
+def grpc_errors(metrics_url: str) -> int:
+    """gRPC Predict calls the server answered with a status other than OK (h2load sees HTTP 200 either way)."""
+    if not metrics_url:
+        return 0
+    try:
+        _, data = http("GET", metrics_url)
+    except (OSError, urllib.error.URLError):
+        return 0
+    total = 0.0
+    for line in data.decode(errors="replace").splitlines():
+        if line.startswith("mlflowctl_serving_requests_total{") and 'endpoint="grpc_predict"' in line \
+                and 'code="OK"' not in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return int(total)
+
+
+def batch_stats(drift_url: str) -> tuple[int, int]:
+    """(requests, model calls) of the batcher so far, from the drift JSON ((0, 0) without one)."""
+    if not drift_url:
+        return 0, 0
+    try:
+        _, data = http("GET", drift_url)
+        stats = json.loads(data)["versions"]["1"]["batching"] or {}
+        return int(stats.get("requests", 0)), int(stats.get("batches", 0)) + int(stats.get("run_at_once", 0))
+    except (OSError, urllib.error.URLError, ValueError, KeyError, TypeError):
+        return 0, 0
+
+
+def grpc_body(image: list[float]) -> bytes:
+    """A gRPC-framed PredictRequest (1x784 float32 as tensor_content), built with tensorflow-serving-api's protos."""
+    code = ("import json, struct, sys\n"
+            "import numpy as np\n"
+            "from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2\n"
+            "from tensorflow_serving.apis import predict_pb2\n"
+            "x = np.asarray([json.load(sys.stdin)], dtype=np.float32)\n"
+            "req = predict_pb2.PredictRequest()\n"
+            "req.model_spec.name = 'mnist'\n"
+            "req.inputs['images'].CopyFrom(tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, tensor_content=x.tobytes(),\n"
+            "    tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in x.shape])))\n"
+            "b = req.SerializeToString()\n"
+            "sys.stdout.buffer.write(b'\\x00' + struct.pack('>I', len(b)) + b)\n")
+    proc = subprocess.run([PYTHON, "-c", code], input=json.dumps(image).encode(), capture_output=True, timeout=120,
+                          env=clean_env(TF_ENABLE_ONEDNN_OPTS="0"))
+    if proc.returncode != 0:
+        raise ValueError(f"cannot build the gRPC request: {proc.stderr.decode(errors='replace').strip()[-200:]}")
+    return proc.stdout
+
+
+def v2_bodies(image: list[float]) -> tuple[bytes, bytes, int]:
+    """V2 infer bodies: JSON in and out; binary in and out (the tensor extension); the binary one's JSON header length."""
+    import struct
+
+    as_json = json.dumps({"inputs": [{"name": "images", "shape": [1, 784], "datatype": "FP32", "data": image}],
+                          "outputs": [{"name": "probabilities"}]}).encode()
+    head = json.dumps({"inputs": [{"name": "images", "shape": [1, 784], "datatype": "FP32",
+                                   "parameters": {"binary_data_size": 784 * 4}}],
+                       "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]}).encode()
+    return as_json, head + struct.pack("<784f", *image), len(head)
+
+
+def check_v2_binary(url: str, body: bytes, hlen: int) -> str:
+    import struct
+
+    req = urllib.request.Request(url, data=body, method="POST", headers={
+        "Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(hlen)})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        data, n = resp.read(), int(resp.headers["Inference-Header-Content-Length"])
+    out = json.loads(data[:n])["outputs"][0]
+    if out["parameters"]["binary_data_size"] != 40 or len(data) - n != 40:
+        raise ValueError(f"expected 40 bytes of binary output, got {out}")
+    ok, what = check_probs(struct.unpack("<10f", data[n:]))
+    if not ok:
+        raise ValueError(what)
+    return what
+
+
+def check_grpc(metrics_url: str, url: str, body: bytes, tmp: Path) -> str:
+    """One gRPC call with h2load; the server's metrics must count it OK."""
+    def ok_count() -> float:
+        _, data = http("GET", metrics_url)
+        return sum(float(ln.rsplit(" ", 1)[1]) for ln in data.decode().splitlines()
+                   if ln.startswith("mlflowctl_serving_requests_total{") and 'endpoint="grpc_predict"' in ln
+                   and 'code="OK"' in ln)
+
+    before = ok_count()
+    (tmp / "grpc-check.bin").write_bytes(body)
+    subprocess.run(["h2load", "-n", "1", "-c", "1", "-d", str(tmp / "grpc-check.bin"), "-H", "content-type: application/grpc",
+                    "-H", "te: trailers", url], capture_output=True, timeout=30)
+    if ok_count() != before + 1:
+        raise ValueError("the gRPC Predict call was not answered OK (see the server's metrics)")
+    return "1 gRPC Predict answered OK"
+
+
 # ------------------------------------------------------------------ servers
 @dataclass
 class Server:
@@ -375,78 +524,194 @@ class Server:
     probs: Callable[[Any], Any]
     setup: Callable[[], None] | None = None
     note: str = ""
+    loads: list["Load"] | None = None  # default: wrk on predict_url with body at 2 and 8 connections
+    metrics_url: str = ""               # mlflowctl: /metrics, to count gRPC answers that were errors
+    drift_url: str = ""                 # mlflowctl: the drift JSON (batching statistics, drift counts)
 
 
-def run_server(srv: Server, args: argparse.Namespace, tmp: Path) -> tuple[list[Row], str]:
-    """Start, check, load and stop one server; (rows, note)."""
+@dataclass
+class Load:
+    """One measured run: ``tool`` (wrk over HTTP/1.1, h2load for gRPC) at ``conns`` connections."""
+
+    label: str
+    conns: int
+    url: str
+    body: bytes
+    headers: dict[str, str]
+    tool: str = "wrk"
+    check: Callable[[], str] | None = None  # raises ValueError when the server answers wrongly
+
+
+def start_server(srv: Server, args: argparse.Namespace, tmp: Path) -> tuple[subprocess.Popen | None, str]:
+    """Start one server, wait until ready, check one answer, warm up; (process or None, why not)."""
     if srv.setup:
         srv.setup()
-    body_file = tmp / f"{srv.key}.json"
-    body_file.write_bytes(srv.body)
-    script = tmp / f"{srv.key}.lua"
-    script.write_text('wrk.method = "POST"\n'
-                      'wrk.headers["Content-Type"] = "application/json"\n'
-                      f"local f = assert(io.open({json.dumps(str(body_file))}, \"rb\"))\n"
-                      "wrk.body = f:read(\"*a\")\n"
-                      "f:close()\n")
     log_path = tmp / f"{srv.key}.log"
     print(f"\n-- {srv.label}: starting ({' '.join(srv.cmd[:3])} ...)", flush=True)
     t0 = time.monotonic()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(srv.cmd, cwd=srv.cwd, env=srv.env, stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-    rows: list[Row] = []
-    note = ""
 
     def log_tail() -> str:
         lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
         return " | ".join(lines[-3:])[-400:]
 
-    try:
-        deadline = t0 + args.ready_timeout
-        ready = False
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                return rows, f"exited with {proc.returncode} before ready: {log_tail()}"
-            try:
-                status, _ = http("GET", srv.ready_url, timeout=2)
-                if status == 200:
-                    ready = True
-                    break
-            except (OSError, urllib.error.URLError):
-                pass
-            time.sleep(0.25)
-        if not ready:
-            return rows, f"not ready after {args.ready_timeout:g}s: {log_tail()}"
-        print(f"   ready in {time.monotonic() - t0:.1f}s", flush=True)
-        status, data = http("POST", srv.predict_url, srv.body, timeout=30)
+    def give_up(why: str) -> tuple[None, str]:
+        print(f"   {stop(proc, srv.ports)}", flush=True)
+        return None, why
+
+    deadline = t0 + args.ready_timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return give_up(f"exited with {proc.returncode} before ready: {log_tail()}")
         try:
-            ok, what = (status == 200, "") if status != 200 else check_probs(srv.probs(json.loads(data)))
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
-            ok, what = False, f"unexpected answer ({type(exc).__name__}): {data[:160]!r}"
-        if not ok:
-            return rows, f"check request failed: HTTP {status} {what or data[:160]!r}"
-        print(f"   check: {what}", flush=True)
-        if args.warmup > 0:
-            run_wrk(srv.predict_url, script, 2, 8, args.warmup, latency=False)
-        for threads, conns in ((1, 2), (2, 8)):
-            cpu0 = group_cpu(proc.pid)
-            out = run_wrk(srv.predict_url, script, threads, conns, args.duration)
-            cpu = group_cpu(proc.pid) - cpu0
-            row = parse_wrk(out, Row(srv.label, conns))
-            if row.requests:
-                row.cpu_us = cpu / row.requests * 1e6
-            if row.rps != row.rps:
-                row.note = "wrk output not understood: " + " | ".join(out.strip().splitlines()[-3:])[:200]
+            status, _ = http("GET", srv.ready_url, timeout=2)
+            if status == 200:
+                break
+        except (OSError, urllib.error.URLError):
+            pass
+        time.sleep(0.25)
+    else:
+        return give_up(f"not ready after {args.ready_timeout:g}s: {log_tail()}")
+    print(f"   ready in {time.monotonic() - t0:.1f}s", flush=True)
+    status, data = http("POST", srv.predict_url, srv.body, timeout=30)
+    try:
+        ok, what = (status == 200, "") if status != 200 else check_probs(srv.probs(json.loads(data)))
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        ok, what = False, f"unexpected answer ({type(exc).__name__}): {data[:160]!r}"
+    if not ok:
+        return give_up(f"check request failed: HTTP {status} {what or data[:160]!r}")
+    print(f"   check: {what}", flush=True)
+    if args.warmup > 0:
+        run_wrk(srv.predict_url, wrk_script(tmp, srv.key, srv.body, {"Content-Type": "application/json"}), 2, 8,
+                args.warmup, latency=False)
+    return proc, ""
+
+
+def measure(srv: Server, proc: subprocess.Popen, load: Load, tmp: Path, seconds: float) -> Row:
+    """One run of ``load`` against the running ``srv``: a row with the server's CPU per request."""
+    bad0 = grpc_errors(srv.metrics_url) if load.tool == "h2load" else 0
+    batched0 = batch_stats(srv.drift_url)
+    cpu0 = group_cpu(proc.pid)
+    if load.tool == "h2load":
+        row = run_h2load(load, tmp, seconds)
+    else:
+        key = f"{srv.key}-{abs(hash((load.url, load.body))) % 10**8}"
+        out = run_wrk(load.url, wrk_script(tmp, key, load.body, load.headers), 1 if load.conns <= 2 else 2,
+                      load.conns, seconds)
+        row = parse_wrk(out, Row(load.label, load.conns))
+        if row.rps != row.rps:
+            row.note = "wrk output not understood: " + " | ".join(out.strip().splitlines()[-3:])[:200]
+    cpu = group_cpu(proc.pid) - cpu0
+    if load.tool == "h2load":
+        row.errors += max(0, grpc_errors(srv.metrics_url) - bad0)
+    if row.requests:
+        row.cpu_us = cpu / row.requests * 1e6
+    batched = batch_stats(srv.drift_url)
+    if batched[1] > batched0[1]:
+        per = (batched[0] - batched0[0]) / (batched[1] - batched0[1])
+        row.note = (row.note + "; " if row.note else "") + f"{per:.1f} req/batch"
+    return row
+
+
+def run_checks(load: Load) -> str:
+    """'' when the load's own check passes (or it has none), else why not."""
+    if load.check is None:
+        return ""
+    try:
+        print(f"   check {load.label}: {load.check()}", flush=True)
+        return ""
+    except (ValueError, KeyError, OSError, urllib.error.URLError) as exc:
+        return f"check failed: {exc}"[:200]
+
+
+def run_server(srv: Server, args: argparse.Namespace, tmp: Path) -> tuple[list[Row], str]:
+    """Start, check, load and stop one server; (rows, note)."""
+    loads = srv.loads or [Load(srv.label, c, srv.predict_url, srv.body, {"Content-Type": "application/json"})
+                          for c in (2, 8)]
+    proc, note = start_server(srv, args, tmp)
+    if proc is None:
+        return [], note
+    rows: list[Row] = []
+    try:
+        for load in loads:
+            failed = run_checks(load)
+            if failed:
+                rows.append(Row(load.label, load.conns, note=failed))
+                continue
+            row = measure(srv, proc, load, tmp, args.duration)
             rows.append(row)
-            print(f"   c={conns}: {row.rps:.0f} req/s, p50 {row.p50:.2f} ms, p99 {row.p99:.2f} ms, "
-                  f"errors {row.errors}, server CPU {row.cpu_us:.0f} us/req", flush=True)
+            print(f"   {load.label} c={load.conns}: {row.rps:.0f} req/s, p50 {row.p50:.2f} ms, p99 {row.p99:.2f} ms, "
+                  f"errors {row.errors}, server CPU {row.cpu_us:.0f} us/req {row.note}".rstrip(), flush=True)
     finally:
         stopped = stop(proc, srv.ports)
         print(f"   {stopped}", flush=True)
         if "WARNING" in stopped:
-            note = (note + "; " if note else "") + stopped
+            note = stopped
     return rows, note
+
+
+def median(values: list[float]) -> float:
+    values = sorted(v for v in values if v == v)
+    if not values:
+        return float("nan")
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def run_pairs(servers: list[Server], args: argparse.Namespace, tmp: Path) -> list[tuple[str, Row, Row]]:
+    """Issue 14's comparisons, each side measured alternately (A B A B ...) ``--pairs`` times for
+    ``--pair-duration`` s, so a load change on the shared machine hits both sides alike; medians."""
+    by_key = {s.key: s for s in servers}
+    plain, batching = by_key.get("mlflowctl"), by_key.get("mlflowctl-batching")
+    if plain is None:
+        return []
+    loads = {ld.label + f"@{ld.conns}": ld for ld in plain.loads or []}
+    want = [("gRPC vs REST @8", (plain, loads.get("mlflowctl (auto)@8")), (plain, loads.get("mlflowctl gRPC@8"))),
+            ("V2 binary vs V2 JSON @8", (plain, loads.get("mlflowctl V2 JSON@8")),
+             (plain, loads.get("mlflowctl V2 binary@8")))]
+    if batching is not None:
+        for conns in (64, 2):
+            want.append((f"batching on vs off @{conns}", (plain, loads.get(f"mlflowctl (auto)@{conns}")),
+                         (batching, next((ld for ld in batching.loads or [] if ld.conns == conns), None))))
+    want = [w for w in want if w[1][1] is not None and w[2][1] is not None]
+    if not want or args.pairs <= 0:
+        return []
+    procs: dict[str, subprocess.Popen] = {}
+    out: list[tuple[str, Row, Row]] = []
+    print(f"\n-- paired runs: {args.pairs} x {args.pair_duration:g}s per side, alternating", flush=True)
+    try:
+        for srv in {id(w[i][0]): w[i][0] for w in want for i in (1, 2)}.values():
+            proc, note = start_server(srv, args, tmp)
+            if proc is None:
+                print(f"   paired runs skipped: {srv.label}: {note}", flush=True)
+                return []
+            procs[srv.key] = proc
+        for title, (sa, la), (sb, lb) in want:
+            if run_checks(la) or run_checks(lb):
+                continue
+            runs: dict[str, list[Row]] = {"a": [], "b": []}
+            for _ in range(args.pairs):
+                for side, srv, load in (("a", sa, la), ("b", sb, lb)):
+                    runs[side].append(measure(srv, procs[srv.key], load, tmp, args.pair_duration))
+            summary = []
+            for side, label in (("a", la.label), ("b", lb.label if lb.label != la.label else lb.label + " (b)")):
+                rs = runs[side]
+                row = Row(label, rs[0].conns, rps=median([r.rps for r in rs]), p50=median([r.p50 for r in rs]),
+                          p90=median([r.p90 for r in rs]), p99=median([r.p99 for r in rs]),
+                          requests=sum(r.requests for r in rs), errors=sum(r.errors for r in rs),
+                          cpu_us=median([r.cpu_us for r in rs]),
+                          note=f"req/s {', '.join(f'{r.rps:.0f}' for r in rs)}"
+                               + (f"; {rs[-1].note}" if rs[-1].note else ""))
+                summary.append(row)
+            out.append((title, summary[0], summary[1]))
+            print(f"   {title}: {summary[1].rps:.0f} vs {summary[0].rps:.0f} req/s (medians; "
+                  f"{summary[1].note} vs {summary[0].note})", flush=True)
+    finally:
+        for key, proc in procs.items():
+            print(f"   {by_key[key].label}: {stop(proc, by_key[key].ports)}", flush=True)
+    return out
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -472,18 +737,45 @@ def make_servers(args: argparse.Namespace, tmp: Path, version_dir: Path, image: 
     routing.write_text(json.dumps({"versions": [number], "labels": {"stable": number}}))
     model_dir = base / str(number)
 
-    for key, label, extra in (("mlflowctl", "mlflowctl (auto)", []), ("mlflowctl-tf", "mlflowctl (--engine tf)",
-                                                                          ["--engine", "tf"])):
+    rest_body = json.dumps({"instances": [image]}).encode()
+    rest_headers = {"Content-Type": "application/json"}
+    for key, label, extra in (("mlflowctl", "mlflowctl (auto)", []),
+                              ("mlflowctl-batching", "mlflowctl batching", ["--batching", "on"]),
+                              ("mlflowctl-tf", "mlflowctl (--engine tf)", ["--engine", "tf"])):
         if not want(key):
             continue
-        port = free_port()
+        port, gport = free_port(), free_port()
+        url = f"http://127.0.0.1:{port}"
+        predict = f"{url}/v1/models/mnist:predict"
+        loads = [Load(label, c, predict, rest_body, rest_headers) for c in (2, 8)]
+        if key == "mlflowctl":
+            v2_json, v2_bin, hlen = v2_bodies(image)
+            infer = f"{url}/v2/models/mnist/infer"
+            loads.append(Load(label, 64, predict, rest_body, rest_headers))
+            try:
+                if not shutil.which("h2load"):
+                    raise ValueError("h2load is not installed (apt-get install nghttp2-client)")
+                body = grpc_body(image)
+                gurl = f"http://127.0.0.1:{gport}/tensorflow.serving.PredictionService/Predict"
+                loads += [Load("mlflowctl gRPC", c, gurl, body, {"content-type": "application/grpc", "te": "trailers"},
+                               "h2load", check=(lambda gurl=gurl, body=body, url=url: check_grpc(f"{url}/metrics", gurl, body, tmp)))
+                          for c in (2, 8)]
+            except (ValueError, OSError, subprocess.SubprocessError) as exc:
+                notes.append(f"gRPC rows skipped: {exc}")
+            loads += [Load("mlflowctl V2 JSON", 8, infer, v2_json, rest_headers),
+                      Load("mlflowctl V2 binary", 8, infer, v2_bin,
+                           {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(hlen)},
+                           check=lambda infer=infer, v2_bin=v2_bin, hlen=hlen: check_v2_binary(infer, v2_bin, hlen))]
+        elif key == "mlflowctl-batching":
+            loads.append(Load(label, 64, predict, rest_body, rest_headers))
         servers.append(Server(
             key, label,
             [PYTHON, str(ROOT / "image" / "serve.py"), "--model-name", "mnist", "--base-path", str(base),
-             "--routing", str(routing), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *extra],
-            ROOT, clean_env(), [port], f"http://127.0.0.1:{port}/v2/models/mnist/ready",
-            f"http://127.0.0.1:{port}/v1/models/mnist:predict", json.dumps({"instances": [image]}).encode(),
-            lambda r: r["predictions"][0]))
+             "--routing", str(routing), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+             "--grpc-port", str(gport) if key == "mlflowctl" else "0", *extra],
+            ROOT, clean_env(), [port, gport], f"http://127.0.0.1:{port}/v2/models/mnist/ready",
+            predict, rest_body, lambda r: r["predictions"][0], loads=loads, metrics_url=f"{url}/metrics",
+            drift_url=f"{url}/monitor/v1/models/mnist/drift" if key == "mlflowctl-batching" else ""))
 
     peer_env = {"PEER_TF_THREADS": str(args.peer_tf_threads)}
     for key, workers in (("seldon", 1), ("seldon-2w", 2)):
@@ -538,7 +830,8 @@ def fmt(v: float, digits: int = 2) -> str:
 def print_table(rows: list[Row], skipped: list[tuple[str, str]]) -> None:
     head = f"{'server':<26} {'conns':>5} {'req/s':>8} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} " \
            f"{'srv CPU us/req':>14} {'errors':>6}"
-    print("\nBatch-1 predict over HTTP on 127.0.0.1, drift scoring on (wrk --latency)")
+    print("\nBatch-1 predict on 127.0.0.1, drift scoring on (HTTP: wrk --latency; gRPC: h2load, one call in flight "
+          "per connection)")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -548,8 +841,47 @@ def print_table(rows: list[Row], skipped: list[tuple[str, str]]) -> None:
         print(f"{label:<26} {'-':>5} {'-':>8} {'-':>7} {'-':>7} {'-':>7} {'-':>14} {'-':>6}  skipped: {why}")
 
 
-def at8(rows: list[Row], server: str) -> Row | None:
-    return next((r for r in rows if r.server == server and r.conns == 8 and r.rps == r.rps), None)
+def at8(rows: list[Row], server: str, conns: int = 8) -> Row | None:
+    return next((r for r in rows if r.server == server and r.conns == conns and r.rps == r.rps), None)
+
+
+def print_pairs(pairs: list[tuple[str, Row, Row]]) -> None:
+    """Issue 14's figures from the alternating runs: the two sides, their ratio, the targets (never asserted)."""
+    if not pairs:
+        return
+    head = f"{'comparison':<26} {'side':<22} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'CPU us/req':>10} {'errors':>6}"
+    print("\nProtocols and batching (issue 14): medians of alternating runs, same machine load for both sides")
+    print(head)
+    print("-" * len(head))
+    for title, a, b in pairs:
+        for r in (a, b):
+            print(f"{title:<26} {r.server:<22} {fmt(r.rps, 0):>8} {fmt(r.p50):>7} {fmt(r.p99):>7} {fmt(r.cpu_us, 0):>10} "
+                  f"{r.errors:>6}  {r.note}".rstrip())
+    targets = {"batching on vs off @64": TARGET_BATCH_GAIN, "batching on vs off @2": 1.0}
+    head = f"{'figure':<52} {'value':>9}  {'target':<10} verdict"
+    print()
+    print(head)
+    print("-" * len(head))
+    lines = []
+    for title, a, b in pairs:
+        target = targets.get(title)
+        ratio = b.rps / a.rps
+        lines.append((f"{title}: req/s ratio", ratio, "x", "(info)" if target is None else f">= {target:g}x",
+                      None if target is None else ratio >= target))
+        lines.append((f"{title}: server CPU per request ratio", b.cpu_us / a.cpu_us, "x", "(info)", None))
+        if "@2" not in title:
+            lines.append((f"{title}: {b.server} p99", b.p99, "ms", f"<= {TARGET_P99_MS:g} ms", b.p99 <= TARGET_P99_MS))
+    for fig, value, unit, target, ok in lines:
+        verdict = "-" if ok is None or value != value else ("ok" if ok else "MISSED")
+        print(f"{fig:<52} {value:>7.2f}{unit:>2}  {target:<10} {verdict}")
+    print()
+    for title, a, b in pairs:
+        if title.startswith("batching on vs off @64"):
+            record("serving: batching on/off req/s @64 conns", b.rps / a.rps, "x", target=f">= {TARGET_BATCH_GAIN:g}x",
+                   peer=f"off {a.rps:.0f} req/s")
+        elif title.startswith("gRPC vs REST"):
+            record("serving: gRPC/REST req/s @8 conns", b.rps / a.rps, "x", target="(info)",
+                   peer=f"REST {a.rps:.0f} req/s")
 
 
 def print_targets(rows: list[Row]) -> None:
@@ -596,7 +928,12 @@ def main() -> int:
     p.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for a server (default 120)")
     p.add_argument("--budget", type=float, default=900.0,
                    help="seconds for all server runs; servers not started by then are skipped (default 900)")
-    p.add_argument("--only", default="", help="comma list of: mlflowctl,mlflowctl-tf,seldon,seldon-2w,mlserver")
+    p.add_argument("--pairs", type=int, default=3,
+                   help="alternating rounds for issue 14's comparisons (gRPC vs REST, binary vs JSON, batching on vs "
+                        "off at 64 and 2 connections); 0 skips them (default 3)")
+    p.add_argument("--pair-duration", type=float, default=5.0, help="seconds of each side of a round (default 5)")
+    p.add_argument("--only", default="", help="comma list of: mlflowctl,mlflowctl-batching,mlflowctl-tf,seldon,"
+                                              "seldon-2w,mlserver")
     p.add_argument("--model", default="", help="a version folder (classifier SavedModel + concept/); default: "
                                                 "the newest complete one in .mlflowctl/store, else a tiny one trained once")
     p.add_argument("--no-install", action="store_true", help="skip a peer whose venv is not cached yet")
@@ -640,6 +977,7 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="mlflowctl-bench-serving-"))
     rows: list[Row] = []
+    pairs: list[tuple[str, Row, Row]] = []
     started = time.monotonic()
     try:
         shutil.copytree(version_dir, tmp / "registry" / "models" / "mnist" / "1",
@@ -660,11 +998,21 @@ def main() -> int:
             elif note:
                 for r in got:
                     r.note = (r.note + "; " if r.note else "") + note
+        if time.monotonic() - started > args.budget:
+            notes.append(f"paired runs skipped: time budget {args.budget:g}s used up")
+        else:
+            try:
+                pairs = run_pairs(servers, args, tmp)
+            except (OSError, subprocess.SubprocessError) as exc:
+                notes.append(f"paired runs failed: {type(exc).__name__}: {exc}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
     print_table(rows, skipped)
     print_targets(rows)
+    print_pairs(pairs)
+    for note in notes:
+        print(f"note: {note}")
     print(f"\nservers measured in {time.monotonic() - started:.0f}s; load average now "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
     print("wrk runs on the same 2 cores as the server: figures are per-machine, not per-server-core.")

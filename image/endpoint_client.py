@@ -7,6 +7,8 @@
   and any transport failure, non-2xx answer or non-JSON body becomes a
   :class:`common.StageError` with ONE line (exit :data:`EXIT_ENDPOINT`), e.g.
   ``POST http://127.0.0.1:8501/v1/models/mnist/versions/3:predict answered 500: {"error": ...}``.
+* :class:`GrpcClient` is the same for TF Serving's gRPC ``PredictionService`` at ``endpoint.json``'s
+  ``grpc`` address (``tensorflow-serving-api``'s stub; imported only when used).
 """
 from __future__ import annotations
 
@@ -43,6 +45,8 @@ def load_endpoint(endpoint_dir: str) -> dict[str, Any]:
     version = data.get("version")
     if isinstance(version, bool) or not isinstance(version, (int, str)) or not str(version).isdigit():
         raise StageError(f"{path}: 'version' must be a positive integer, got {version!r}", EXIT_DATA)
+    if not isinstance(data.get("grpc", ""), str):
+        raise StageError(f"{path}: 'grpc' must be a host:port string", EXIT_DATA)
     protocol = data.get("protocol", "tfserving")
     if protocol not in PROTOCOLS:
         raise StageError(f"{path}: unknown protocol {protocol!r} (expected one of {', '.join(PROTOCOLS)})", EXIT_DATA)
@@ -144,3 +148,68 @@ class HttpClient:
 
     def post_json(self, url: str, payload: Any) -> Answer:
         return self.request("POST", url, body=json.dumps(payload, separators=(",", ":")).encode())
+
+
+class GrpcClient:
+    """TF Serving's ``PredictionService`` stub on one channel; ``metadata`` goes on every call.
+
+    :meth:`predict` returns the float64 scores of the ``probabilities`` output (or the only one)
+    and the round trip in milliseconds; any gRPC failure is one :class:`common.StageError` line.
+    """
+
+    def __init__(self, target: str, timeout: float, metadata: dict[str, str] | None = None):
+        # the stub's protos are TensorFlow's: importing them imports TensorFlow, whose start-up chatter
+        # (oneDNN, CPU features) would break the stage's one-line stderr; the client computes nothing with it
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+        import grpc
+        from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+        self._grpc = grpc
+        self.target = target
+        self.timeout = timeout
+        self.metadata = [(k.lower(), v) for k, v in (metadata or {}).items()]
+        self.channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", -1),
+                                                              ("grpc.max_receive_message_length", -1)])
+        self.stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "GrpcClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def predict(self, model_name: str, version: int, batch: Any, input_name: str = "images") -> tuple[Any, float]:
+        import numpy as np
+        from tensorflow import make_ndarray, make_tensor_proto
+        from tensorflow_serving.apis import predict_pb2
+
+        req = predict_pb2.PredictRequest()
+        req.model_spec.name = model_name
+        req.model_spec.version.value = int(version)
+        req.inputs[input_name].CopyFrom(make_tensor_proto(np.asarray(batch, dtype=np.float32)))
+        shown = f"gRPC Predict {self.target} ({model_name} version {version})"
+        t0 = time.perf_counter()
+        try:
+            resp = self.stub.Predict(req, timeout=self.timeout, metadata=self.metadata)
+        except self._grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            if code == self._grpc.StatusCode.UNAVAILABLE:
+                raise StageError(f"{shown} failed: cannot connect ({snippet(exc.details() or '')})", EXIT_ENDPOINT) from None
+            if code == self._grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise StageError(f"{shown} timed out after {self.timeout:g}s", EXIT_ENDPOINT) from None
+            raise StageError(f"{shown} answered {code.name if code else 'an error'}: {snippet(exc.details() or '')}",
+                             EXIT_ENDPOINT) from None
+        ms = (time.perf_counter() - t0) * 1000.0
+        outputs = resp.outputs
+        name = "probabilities" if "probabilities" in outputs else (next(iter(outputs)) if len(outputs) == 1 else None)
+        if name is None:
+            raise StageError(f"{shown} answered outputs {sorted(outputs)} and none is 'probabilities'", EXIT_ENDPOINT)
+        try:
+            scores = make_ndarray(outputs[name]).astype(np.float64)
+        except (TypeError, ValueError) as exc:
+            raise StageError(f"{shown} answered a malformed tensor: {snippet(str(exc))}", EXIT_ENDPOINT) from None
+        return scores, ms

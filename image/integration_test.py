@@ -2,10 +2,13 @@
 
 Env: MNIST_DATA_DIR (input, t10k.npz), ENDPOINT_DIR (input, endpoint.json), OUTPUT_DIR (output),
 MIN_ACCURACY (0.8, in [0, 1]), SAMPLES (1000), BATCH_SIZE (100, images per request),
-NOISE (0.5, std-dev of the Gaussian noise on [0, 1] pixels), TIMEOUT (30, seconds per request), SEED (0).
+NOISE (0.5, std-dev of the Gaussian noise on [0, 1] pixels), TIMEOUT (30, seconds per request), SEED (0),
+TRANSPORT (rest | grpc, default rest).
 
-Talks to ``endpoint.json``'s ``predict_url`` only (protocol tfserving | v2 | seldon), every
-request tagged ``X-Mlflowctl-Traffic: test`` so the server keeps it out of its live statistics:
+Talks to ``endpoint.json``'s ``predict_url`` (protocol tfserving | v2 | seldon) or, with
+``TRANSPORT=grpc``, to its ``grpc`` address (TF Serving's PredictionService, by version), every
+request tagged ``X-Mlflowctl-Traffic: test`` (gRPC metadata ``x-mlflowctl-traffic: test``) so the
+server keeps it out of its live statistics:
 
 1. clean:  a seeded random sample of SAMPLES held-out images -> accuracy (argmax == label);
 2. noisy:  the same images + N(0, NOISE), clipped to [0, 1];
@@ -22,6 +25,7 @@ is unreachable, answers non-2xx, or answers something that is not the protocol's
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any
@@ -39,7 +43,7 @@ from common import (
     write_json_atomic,
     write_text_atomic,
 )
-from endpoint_client import EXIT_ENDPOINT, HttpClient, drift_url, load_endpoint, snippet
+from endpoint_client import EXIT_ENDPOINT, GrpcClient, HttpClient, drift_url, load_endpoint, snippet
 
 STAGE = "integration_test"
 TEST_HEADER = {"X-Mlflowctl-Traffic": "test"}
@@ -48,6 +52,7 @@ PIXELS = 784
 DECIMALS = 4
 PROTOCOLS = ("tfserving", "v2", "seldon")
 PARTS = ("clean", "noisy", "random")
+TRANSPORTS = ("rest", "grpc")
 
 
 def settings() -> dict:
@@ -61,6 +66,7 @@ def settings() -> dict:
         "noise": env_float("NOISE", 0.5, low=0.0, inclusive=True),
         "timeout": env_float("TIMEOUT", 30.0, low=0.0),
         "seed": env_int("SEED", 0),
+        "transport": os.environ.get("TRANSPORT", "rest").strip().lower() or "rest",
     }
 
 
@@ -182,14 +188,23 @@ def percentile(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 3) if values else None
 
 
-def run_part(client: HttpClient, endpoint: dict, images, batch_size: int, latencies: list[float]):
-    """Send ``images`` in batches; return the predicted classes (int array)."""
+def run_part(client: HttpClient, endpoint: dict, images, batch_size: int, latencies: list[float],
+             grpc: GrpcClient | None = None):
+    """Send ``images`` in batches (over gRPC when ``grpc`` is given); return the predicted classes (int array)."""
     import numpy as np
 
     protocol, url = endpoint["protocol"], endpoint["predict_url"]
     predicted = []
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]
+        if grpc is not None:  # the same 4-decimal values the JSON protocols send
+            scores, ms = grpc.predict(endpoint["model_name"], endpoint["version"], np.round(batch, DECIMALS))
+            latencies.append(ms)
+            if scores.shape != (len(batch), CLASSES):
+                raise StageError(f"gRPC Predict {grpc.target} answered scores of shape {list(scores.shape)}, "
+                                 f"expected [{len(batch)}, {CLASSES}]", EXIT_ENDPOINT)
+            predicted.append(np.argmax(scores, axis=1))
+            continue
         answer = client.post_json(url, request_body(protocol, batch))
         latencies.append(answer.ms)
         try:
@@ -213,7 +228,8 @@ def write_markdown(path: str, report: dict) -> None:
     lines = [
         f"# Integration test: {ep['model_name']} version {report['version']} — {verdict}",
         "",
-        f"Endpoint `{ep['predict_url']}` ({ep['protocol']}), {report['requests']} requests "
+        (f"Endpoint `{ep['predict_url']}` ({ep['protocol']})" if report["transport"] == "rest" else
+         f"Endpoint gRPC `{ep['grpc']}` (TF Serving PredictionService)") + f", {report['requests']} requests "
         f"of up to {report['batch_size']} images, seed {report['seed']}.",
         "",
         "| part | images | accuracy | out-of-distribution rate |",
@@ -241,6 +257,12 @@ def run() -> None:
     if endpoint["protocol"] not in PROTOCOLS:
         raise StageError(f"endpoint protocol {endpoint['protocol']!r} is not supported by integration_test "
                          f"(supported: {', '.join(PROTOCOLS)})", EXIT_DATA)
+    if cfg["transport"] not in TRANSPORTS:
+        raise StageError(f"TRANSPORT must be one of {', '.join(TRANSPORTS)}, got {cfg['transport']!r}", EXIT_DATA)
+    if cfg["transport"] == "grpc" and (not endpoint.get("grpc") or endpoint["protocol"] != "tfserving"):
+        raise StageError("TRANSPORT=grpc but endpoint.json names no gRPC address (the serving target serves no "
+                         "TF Serving gRPC API); set serving.local.grpc_port, or integration_test.transport: rest",
+                         EXIT_DATA)
     x, y = load_split(cfg["data_dir"], "t10k")
     make_dir("OUTPUT_DIR", cfg["output_dir"])
 
@@ -257,8 +279,9 @@ def run() -> None:
     random_images = rng.random((max(10, samples // 10), PIXELS), dtype=np.float32)
     parts = {"clean": clean, "noisy": noisy, "random": random_images}
 
-    log(STAGE, f"testing {endpoint['model_name']} version {endpoint['version']} at {endpoint['predict_url']} "
-               f"({endpoint['protocol']}): {samples} clean + {samples} noisy (σ={cfg['noise']:g}) + "
+    where = (f"gRPC {endpoint['grpc']}" if cfg["transport"] == "grpc"
+             else f"{endpoint['predict_url']} ({endpoint['protocol']})")
+    log(STAGE, f"testing {endpoint['model_name']} version {endpoint['version']} at {where}: {samples} clean + {samples} noisy (σ={cfg['noise']:g}) + "
                f"{len(random_images)} random images, {cfg['batch_size']} per request")
 
     latencies: list[float] = []
@@ -266,7 +289,8 @@ def run() -> None:
     ood: dict[str, float | None] = {p: None for p in PARTS}
     ood_counts: dict[str, dict[str, int] | None] = {p: None for p in PARTS}
     started = time.perf_counter()
-    with HttpClient(cfg["timeout"], TEST_HEADER) as client:
+    grpc = GrpcClient(endpoint["grpc"], cfg["timeout"], TEST_HEADER) if cfg["transport"] == "grpc" else None
+    with HttpClient(cfg["timeout"], TEST_HEADER) as client, (grpc or contextlib.nullcontext()):
         counters = Counters(client, endpoint)
         before = counters.probe()
         if counters.source is None:
@@ -274,7 +298,7 @@ def run() -> None:
         elif counters.source == "live":
             log(STAGE, "the server has no separate test counters: using its overall drift counters")
         for part in PARTS:
-            predictions[part] = run_part(client, endpoint, parts[part], cfg["batch_size"], latencies)
+            predictions[part] = run_part(client, endpoint, parts[part], cfg["batch_size"], latencies, grpc)
             after = counters.read()
             if before is not None and after is not None:
                 d_scored, d_out = after[0] - before[0], after[1] - before[1]
@@ -296,6 +320,7 @@ def run() -> None:
         "noise": cfg["noise"],
         "batch_size": cfg["batch_size"],
         "seed": cfg["seed"],
+        "transport": cfg["transport"],
         "ood_rate": ood,
         "ood_counts": ood_counts,
         "ood_source": counters.source,

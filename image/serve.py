@@ -21,7 +21,13 @@ HTTP surface (all JSON errors are ``{"error": "<message>"}``):
   ``POST /v1/models/{m}[/versions/{v}|/labels/{l}]:predict`` (row and columnar forms).
 * Open Inference Protocol V2: ``/v2``, ``/v2/health/{live,ready}``,
   ``/v2/models/{m}[/versions/{v}][/ready|/infer]``.
+  With the binary tensor extension (``Inference-Header-Content-Length``; v2_binary.py).
 * ``GET /metrics`` (Prometheus), ``GET /monitor/v1/models/{m}/drift`` (JSON for the monitor).
+
+gRPC (``--grpc-port``, 8500 by default, 0 = off): TF Serving's ``PredictionService`` (Predict,
+GetModelMetadata) and ``ModelService`` (GetModelStatus) on the same event loop (grpc_service.py).
+Dynamic batching (``--batching on``, or per version in the routing file's ``"batching"``):
+concurrent serving_default requests of a version share model calls (batching.py).
 
 Performance choices (measured on the pipeline's MLPs, batch-1 predict with drift scoring):
 
@@ -46,6 +52,7 @@ import argparse
 import asyncio
 import bisect
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -67,6 +74,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import orjson  # noqa: E402
+
+import v2_binary  # noqa: E402 - the modules next to this script (its folder is sys.path[0])
+from batching import BatchConfig, Batcher, QueueFull  # noqa: E402
 
 SERVER_NAME = "mlflowctl-model-server"
 SERVER_VERSION = "0.1.0"
@@ -167,6 +177,10 @@ class Version:
     concept: Concept | None
     metadata: dict[str, Any]
     fused: Callable[[np.ndarray], tuple[dict[str, np.ndarray], np.ndarray]] | None = None
+    # serving_default on one input: rows -> (outputs, drift scores or None); what batches run
+    runner: Callable[[np.ndarray], tuple[dict[str, np.ndarray], np.ndarray | None]] | None = None
+    batcher: Batcher | None = None
+    signature_protos: dict[str, Any] = field(default_factory=dict)  # SignatureDef protos (gRPC metadata)
     ring: np.ndarray = field(default_factory=lambda: np.zeros(RING_SIZE, np.float32))
     ring_pos: int = 0
     ring_len: int = 0
@@ -250,7 +264,7 @@ def _tf_runner(sig: Signature) -> Callable[[dict[str, np.ndarray]], dict[str, np
 
 # ------------------------------------------------------------------------------- TFLite engine
 ENGINE = "auto"          # auto: TFLite when it converts and matches TF on probe inputs; tf: TensorFlow only
-LITE_MAX_SHAPES = 8      # interpreters kept per signature, one per distinct batch shape
+LITE_MAX_SHAPES = 16     # interpreters kept per signature, one per distinct batch shape (batching pads to 7 sizes)
 
 
 def _interpreter_class() -> Any:
@@ -357,15 +371,15 @@ def _lite(model_dir: Path, sig: Signature, what: str) -> None:
     sig.run, sig.engine = runner, "tflite"
 
 
-def _signature_defs(model_dir: Path) -> dict[str, Any]:
-    """The SavedModel's signature defs as TF Serving's metadata JSON renders them."""
+def _signature_defs(model_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The SavedModel's signature defs: as TF Serving's metadata JSON renders them, and as protos."""
     from tensorflow.core.protobuf import saved_model_pb2
     from tensorflow.core.framework import types_pb2
 
     proto = saved_model_pb2.SavedModel()
     proto.ParseFromString((model_dir / "saved_model.pb").read_bytes())
     if not proto.meta_graphs:
-        return {}
+        return {}, {}
 
     def tensor_info(info: Any) -> dict[str, Any]:
         shape = info.tensor_shape
@@ -378,14 +392,15 @@ def _signature_defs(model_dir: Path) -> dict[str, Any]:
             "name": info.name,
         }
 
-    defs = {}
+    defs, protos = {}, {}
     for key, sd in sorted(proto.meta_graphs[0].signature_def.items()):
         defs[key] = {
             "inputs": {k: tensor_info(v) for k, v in sorted(sd.inputs.items())},
             "outputs": {k: tensor_info(v) for k, v in sorted(sd.outputs.items())},
             "method_name": sd.method_name,
         }
-    return defs
+        protos[key] = sd
+    return defs, protos
 
 
 def _load_concept(version_dir: Path) -> tuple[Any, Concept] | None:
@@ -462,6 +477,30 @@ def _fuse(clf: Signature, concept: Concept) -> Callable | None:
     return call
 
 
+def _runner(v: Version) -> Callable | None:
+    """serving_default on its one input, with the drift scores of the same rows (None: not single-input)."""
+    sd = v.signatures.get("serving_default")
+    if sd is None or sd.single_input is None:
+        return None
+    if v.fused is not None:
+        return v.fused
+    run, alias, concept = sd.run, sd.single_input.alias, v.concept
+
+    def both(x: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        outs = run({alias: x})
+        if concept is None:
+            return outs, None
+        try:
+            kin = concept.sig.single_input
+            kin.check(x, "drift")
+            return outs, concept.sig.run({kin.alias: x})[concept.sig.outputs[0]]
+        except Exception as exc:  # noqa: BLE001 - drift scoring never fails a prediction
+            log.debug("drift scoring skipped: %s", exc)
+            return outs, None
+
+    return both
+
+
 def load_version(base: Path, number: int) -> Version:
     tf = _tf()
     vdir = base / str(number)
@@ -482,7 +521,9 @@ def load_version(base: Path, number: int) -> Version:
         metadata = json.loads((vdir / "metadata.json").read_text())
     except (OSError, ValueError):
         pass
-    v = Version(number, vdir, keep, sigs, _signature_defs(vdir), concept, metadata if isinstance(metadata, dict) else {})
+    defs, protos = _signature_defs(vdir)
+    v = Version(number, vdir, keep, sigs, defs, concept, metadata if isinstance(metadata, dict) else {},
+                signature_protos=protos)
     v.label = str(number)
     if "serving_default" in sigs:
         _lite(vdir, sigs["serving_default"], f"version {number} classifier")
@@ -493,6 +534,7 @@ def load_version(base: Path, number: int) -> Version:
             v.fused = _fuse(sigs["serving_default"], concept)
         except Exception as exc:  # noqa: BLE001 - fall back to two calls
             log.warning("version %d: could not fuse classifier and concept model (%s); using two calls", number, exc)
+    v.runner = _runner(v)
     # warm up: the first call of a concrete function traces/optimises; do it now, not on a client's time
     sd = sigs.get("serving_default")
     if sd is not None and sd.single_input is not None and sd.single_input.shape is not None \
@@ -511,6 +553,18 @@ def load_version(base: Path, number: int) -> Version:
     return v
 
 
+def _warm_up(v: Version, sizes: list[int]) -> None:
+    sd = v.signatures["serving_default"].single_input
+    if sd.shape is None or any(d == -1 for d in sd.shape[1:]) or sd.np_dtype in (None, object):
+        return
+    for size in sizes:
+        try:
+            v.runner(np.zeros((size, *sd.shape[1:]), sd.np_dtype))
+        except Exception as exc:  # noqa: BLE001 - a failing size fails again, per request, with its message
+            log.warning("version %d: warm-up of batch size %d failed: %s", v.number, size, exc)
+            return
+
+
 def scan_versions(base: Path) -> list[int]:
     try:
         names = os.listdir(base)
@@ -526,6 +580,7 @@ class Routing:
     labels: dict[str, int]
     canary_weight: float
     explicit: bool  # False = no routing file: serve the highest version
+    batching: dict[int, bool] = field(default_factory=dict)  # per-version override of the server's default
 
 
 def read_routing(path: Path | None, base: Path) -> Routing:
@@ -552,7 +607,12 @@ def read_routing(path: Path | None, base: Path) -> Routing:
         raise ValueError(f"routing file {path}: labels point at versions {missing} that are not in 'versions'")
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
         raise ValueError(f"routing file {path}: 'canary_weight' must be a number between 0 and 1")
-    return Routing(sorted(set(versions)), dict(labels), float(weight), True)
+    batching = data.get("batching") or {}
+    if not isinstance(batching, dict) or not all(
+        isinstance(k, str) and k.isdigit() and isinstance(v, bool) for k, v in batching.items()
+    ):
+        raise ValueError(f"routing file {path}: 'batching' must map version numbers (as strings) to true or false")
+    return Routing(sorted(set(versions)), dict(labels), float(weight), True, {int(k): v for k, v in batching.items()})
 
 
 @dataclass
@@ -565,8 +625,9 @@ class VersionState:
 class Model:
     """The served versions of one model and how requests are routed among them."""
 
-    def __init__(self, name: str, base: Path, routing_path: Path | None):
+    def __init__(self, name: str, base: Path, routing_path: Path | None, batching: BatchConfig | None = None):
         self.name = name
+        self.batching = batching or BatchConfig()
         self.base = base
         self.routing_path = routing_path
         self.versions: dict[int, Version] = {}
@@ -607,6 +668,18 @@ class Model:
             for n in removed:
                 self._set_state(n, VersionState("UNLOADING"))
                 versions.pop(n)
+            cfg = self.batching
+            for n, v in versions.items():
+                if not routing.batching.get(n, cfg.enabled) or v.runner is None:
+                    v.batcher = None  # requests already queued still get their answers (the loop holds them)
+                elif v.batcher is None:
+                    sd = v.signatures["serving_default"]
+                    batcher = Batcher(v.runner, cfg.window, cfg.max_batch, cfg.max_queue,
+                                      pad=sd.engine == "tflite" or (v.concept is not None and v.concept.sig.engine == "tflite"),
+                                      idle_rounds=cfg.idle_rounds, clients=cfg.open_connections)
+                    if n not in self.versions:  # not serving yet: build each batch size's interpreters now,
+                        _warm_up(v, batcher.buckets())  # not on a client's time (TFLite shapes are static)
+                    v.batcher = batcher
             # swap
             label_map = {lab: versions[n] for lab, n in routing.labels.items() if n in versions}
             default = label_map.get("stable") or (versions[max(versions)] if versions else None)
@@ -640,6 +713,7 @@ class Model:
             "labels": {lab: v.number for lab, v in self.label_map.items()},
             "default_version": self.default.number if self.default else None,
             "canary_weight": self.canary_weight,
+            "batching": {str(n): v.batcher is not None for n, v in sorted(self.versions.items())},
         }
 
     # -- request routing --
@@ -802,6 +876,13 @@ def to_array(value: Any, sig: TensorSig, where: str) -> np.ndarray:
         if "inhomogeneous" in msg or "sequence" in msg:
             msg = "the nested lists are ragged (rows of different lengths)"
         raise bad(f"{where}: input '{sig.alias}' is not a rectangular tensor: {msg}") from None
+    return conform(arr, sig, where)
+
+
+def conform(arr: np.ndarray, sig: TensorSig, where: str) -> np.ndarray:
+    """``arr`` as the signature's dtype, finite and of its shape, or a 400 (JSON, binary and gRPC inputs)."""
+    if sig.np_dtype in (None, object):
+        raise bad(f"{where}: input '{sig.alias}' has dtype {sig.dtype}, which this server does not accept")
     kind = arr.dtype.kind
     if kind not in "fiu" and not (kind == "b" and sig.dtype == "bool"):
         what = {"U": "strings", "S": "strings", "b": "booleans", "O": "null, objects or out-of-range numbers"}.get(kind, kind)
@@ -869,14 +950,20 @@ JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
 class App:
-    def __init__(self, model: Model, metrics: Metrics, max_body: int):
+    # for the gRPC service (grpc_service.py), which cannot import this script
+    bad = staticmethod(bad)
+    not_found = staticmethod(not_found)
+    conform = staticmethod(conform)
+
+    def __init__(self, model: Model, metrics: Metrics, max_body: int, grpc: Any = None):
         self.model = model
         self.metrics = metrics
         self.max_body = max_body
+        self.grpc = grpc  # grpc_service.GrpcServer, started and stopped with the lifespan
         self.ready = False
         self.watch_routing = 0.0  # seconds between checks of the routing file (--watch-routing), 0: off
         self._watcher: Any = None
-        self.test_traffic = False  # set per POST from the X-Mlflowctl-Traffic header
+        self.startup_error = ""
         self.loop: asyncio.AbstractEventLoop | None = None
         self.reloading: asyncio.Lock | None = None
 
@@ -899,12 +986,21 @@ class App:
                     self.loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
                 except (NotImplementedError, RuntimeError, ValueError):
                     pass
+                if self.grpc is not None:
+                    try:
+                        await self.grpc.start()
+                    except Exception as exc:  # noqa: BLE001 - one line, and the server exits non-zero
+                        self.startup_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                        await send({"type": "lifespan.startup.failed", "message": self.startup_error})
+                        return
                 if self.watch_routing > 0 and self.model.routing_path is not None:
                     self._watcher = asyncio.ensure_future(self._watch_routing())
                 self.ready = True
                 await send({"type": "lifespan.startup.complete"})
             elif msg["type"] == "lifespan.shutdown":
                 self.ready = False
+                if self.grpc is not None:
+                    await self.grpc.stop()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -951,21 +1047,28 @@ class App:
         endpoint, version = "other", ""
         try:
             if method == "POST":
-                # models run synchronously on this thread, so a plain attribute is per request
-                self.test_traffic = (b"x-mlflowctl-traffic", b"test") in scope["headers"]
+                headers = scope["headers"]
+                test = (b"x-mlflowctl-traffic", b"test") in headers
                 body = await self._body(scope, receive)
                 if path.startswith("/v1/models/"):
                     endpoint = "predict"
-                    status, payload, version = self.v1_post(path, body)
+                    status, payload, version = await self.v1_post(path, body, test)
                 elif path.startswith("/v2/models/"):
                     endpoint = "infer"
-                    status, payload, version = self.v2_post(path, body)
+                    status, payload, version, tail = await self.v2_post(path, body, headers, test)
+                    if tail:  # binary outputs: the JSON header, then their bytes
+                        head = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+                        await self._send_raw(send, status, b"".join([head, *tail]), [
+                            (b"content-type", b"application/octet-stream"),
+                            (v2_binary.HEADER, str(len(head)).encode())])
+                        payload = None
                 elif path == "/admin/reload":
                     endpoint = "admin"
                     status, payload = await self.admin_reload(scope)
                 else:
                     raise self._no_route(path, method)
-                await self._send(send, status, payload)
+                if payload is not None:
+                    await self._send(send, status, payload)
             elif method == "GET":
                 if path.startswith("/v1/models/"):
                     endpoint = "status"
@@ -1077,7 +1180,7 @@ class App:
             raise not_found("malformed request: missing model name")
         return name, version, label, rest
 
-    def v1_post(self, path: str, body: bytes) -> tuple[int, Any, str]:
+    async def v1_post(self, path: str, body: bytes, test: bool = False) -> tuple[int, Any, str]:
         head, sep, verb = path.rpartition(":")
         if not sep or "/" in verb:
             raise self._no_route(path, "POST")
@@ -1102,7 +1205,7 @@ class App:
             raise bad(f"Serving signature name: \"{sig_name}\" not found in signature def "
                       f"(available: {', '.join(sorted(v.signatures))})")
         inputs, rows = decode_tfserving(req, sig)
-        outputs = self._run(v, sig, inputs)
+        outputs = await self.predict(v, sig, inputs, test)
         if rows:
             if len(outputs) == 1:
                 return 200, {"predictions": next(iter(outputs.values()))}, v.label
@@ -1112,42 +1215,55 @@ class App:
             return 200, {"outputs": next(iter(outputs.values()))}, v.label
         return 200, {"outputs": outputs}, v.label
 
-    def _run(self, v: Version, sig: Signature, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Call the model (and the concept model on the same batch); returns numpy outputs."""
-        concept = v.concept
+    async def predict(self, v: Version, sig: Signature, inputs: dict[str, np.ndarray],
+                      test: bool = False) -> dict[str, np.ndarray]:
+        """The model's outputs for ``inputs``: through the version's batcher when it has one, else inline."""
+        batcher = v.batcher
+        if batcher is None or sig.name != "serving_default" or sig.single_input is None or batcher.run_at_once():
+            return self._run(v, sig, inputs, test)
+        x = self._rows(inputs, sig)
+        try:
+            outs, errors = await batcher.submit(x)
+        except QueueFull as exc:
+            raise ApiError(503, str(exc), [(b"retry-after", str(exc.retry_after).encode())]) from None
+        except Exception as exc:  # noqa: BLE001 - TF rejected this request's input
+            raise bad(self._tf_message(exc)) from None
+        self._account(v, x.shape[0] if x.ndim else 1, errors, test)
+        return outs
+
+    @staticmethod
+    def _rows(inputs: dict[str, np.ndarray], sig: Signature) -> np.ndarray | None:
         for alias, arr in inputs.items():
             if arr.size == 0:
                 raise bad(f"input '{alias}' is empty (shape {list(arr.shape)}); send at least one instance")
-        x = inputs.get(sig.single_input.alias) if sig.single_input is not None else None
+        return inputs.get(sig.single_input.alias) if sig.single_input is not None else None
+
+    def _run(self, v: Version, sig: Signature, inputs: dict[str, np.ndarray], test: bool = False) -> dict[str, np.ndarray]:
+        """Call the model (and the concept model on the same batch); returns numpy outputs."""
+        x = self._rows(inputs, sig)
         n = x.shape[0] if x is not None and x.ndim else 1
-        if sig.name == "serving_default" and v.fused is not None and x is not None:
-            try:
-                outs, errors = v.fused(x)
-            except Exception as exc:  # noqa: BLE001 - TF rejected the input
-                raise bad(self._tf_message(exc)) from None
-            test = self.test_traffic
-            outliers = v.record(errors.reshape(-1), test)
-            v.predictions += n
-            self.metrics.predicted(v, n, 0 if test else errors.size, 0 if test else outliers)
-            return outs
+        errors = None
         try:
-            outs = sig.run(inputs)
-        except Exception as exc:  # noqa: BLE001
+            if sig.name == "serving_default" and v.runner is not None and x is not None:
+                outs, errors = v.runner(x)
+            else:
+                outs = sig.run(inputs)
+        except Exception as exc:  # noqa: BLE001 - TF rejected the input
             raise bad(self._tf_message(exc)) from None
+        self._account(v, n, errors, test)
+        return outs
+
+    def _account(self, v: Version, n: int, errors: np.ndarray | None, test: bool) -> None:
+        """Drift scores into the version's window (test traffic apart) and the metrics."""
         scored = outliers = 0
-        if concept is not None and x is not None and sig.name == "serving_default":
-            try:
-                kin = concept.sig.single_input
-                kin.check(x, "drift")
-                errors = concept.sig.run({kin.alias: x})[concept.sig.outputs[0]].reshape(-1)
-                scored, outliers = errors.size, v.record(errors, self.test_traffic)
-                if self.test_traffic:
-                    scored = outliers = 0
-            except Exception as exc:  # noqa: BLE001 - drift scoring never fails a prediction
-                log.debug("drift scoring skipped: %s", exc)
+        if errors is not None:
+            errors = errors.reshape(-1)
+            outliers = v.record(errors, test)
+            scored = 0 if test else errors.size
+            if test:
+                outliers = 0
         v.predictions += n
         self.metrics.predicted(v, n, scored, outliers)
-        return outs
 
     @staticmethod
     def _tf_message(exc: Exception) -> str:
@@ -1198,7 +1314,7 @@ class App:
 
     def v2_get(self, path: str) -> tuple[int, Any]:
         if path in ("/v2", "/v2/"):
-            return 200, {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": []}
+            return 200, {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": [v2_binary.EXTENSION]}
         if path == "/v2/health/live":
             return 200, {"live": True}
         if path == "/v2/health/ready":
@@ -1228,12 +1344,18 @@ class App:
                      "platform": "tensorflow_savedmodel",
                      "inputs": tensors(sig.inputs), "outputs": tensors(sig.output_sigs)}
 
-    def v2_post(self, path: str, body: bytes) -> tuple[int, Any, str]:
+    async def v2_post(self, path: str, body: bytes, headers: list | None = None,
+                      test: bool = False) -> tuple[int, Any, str, list[bytes]]:
+        """An infer request, JSON or with the binary tensor extension; returns (status, JSON, version, binary tail)."""
         name, version, rest = self._v2_parse(path)
         if rest != ["infer"]:
             raise self._no_route(path, "POST")
         v = self.model.select(name, version, None)
-        req = parse_json(body)
+        try:
+            head, binary = v2_binary.split_body(body, v2_binary.header_length(headers or []))
+        except ValueError as exc:
+            raise bad(str(exc)) from None
+        req = parse_json(head)
         if not isinstance(req, dict):
             raise bad("the request body must be a JSON object with 'inputs'")
         sig = v.signatures.get("serving_default") or next(iter(v.signatures.values()))
@@ -1241,6 +1363,7 @@ class App:
         if not isinstance(items, list) or not items:
             raise bad("'inputs' must be a non-empty list of {name, shape, datatype, data}")
         inputs: dict[str, np.ndarray] = {}
+        offset = 0
         for i, item in enumerate(items):
             if not isinstance(item, dict):
                 raise bad(f"inputs[{i}] must be an object with name, shape, datatype and data")
@@ -1256,14 +1379,25 @@ class App:
             if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                                       for d in shape):
                 raise bad(f"input '{iname}': 'shape' must be a list of non-negative integers")
-            if "data" not in item:
-                raise bad(f"input '{iname}': 'data' is missing")
-            arr = to_array(item["data"], TensorSig(iname, tsig.dtype, None, tsig.np_dtype), f"input '{iname}'")
-            if arr.size != math.prod(shape):
-                raise bad(f"input '{iname}': 'data' has {arr.size} elements, 'shape' {shape} needs {math.prod(shape)}")
-            arr = arr.reshape(shape)
-            tsig.check(arr, f"input '{iname}'")
-            inputs[iname] = arr
+            try:
+                size = v2_binary.binary_size(item, f"input '{iname}'")
+                if size is not None:
+                    if "data" in item:
+                        raise ValueError(f"input '{iname}': give either 'data' or 'binary_data_size', not both")
+                    arr, offset = v2_binary.take_input(binary, offset, size, dtype, shape, f"input '{iname}'")
+            except ValueError as exc:
+                raise bad(str(exc)) from None
+            if size is None:
+                if "data" not in item:
+                    raise bad(f"input '{iname}': 'data' is missing (or set parameters.binary_data_size)")
+                arr = to_array(item["data"], TensorSig(iname, tsig.dtype, None, tsig.np_dtype), f"input '{iname}'")
+                if arr.size != math.prod(shape):
+                    raise bad(f"input '{iname}': 'data' has {arr.size} elements, 'shape' {shape} needs {math.prod(shape)}")
+                arr = arr.reshape(shape)
+            inputs[iname] = conform(arr, tsig, f"input '{iname}'")
+        if binary is not None and offset != len(binary):
+            raise bad(f"{len(binary) - offset} bytes of binary data after the JSON header belong to no input "
+                      f"(check binary_data_size and Inference-Header-Content-Length)")
         missing = sorted(set(sig.inputs) - set(inputs))
         if missing:
             raise bad(f"missing inputs {missing}")
@@ -1276,15 +1410,19 @@ class App:
             unknown = sorted(set(wanted) - set(sig.outputs))
             if unknown:
                 raise bad(f"unknown outputs {unknown}; the model's outputs are {sig.outputs}")
-        outs = self._run(v, sig, inputs)
+        try:
+            binary_default, binary_per = v2_binary.wants_binary(req, req_out)
+        except ValueError as exc:
+            raise bad(str(exc)) from None
+        outs = await self.predict(v, sig, inputs, test)
+        tail: list[bytes] = []
         out = {"model_name": name, "model_version": v.label,
-               "outputs": [{"name": k, "shape": list(outs[k].shape),
-                            "datatype": DTYPES.get(sig.output_sigs[k].dtype, ("", "BYTES", None))[1],
-                            "data": outs[k].reshape(-1)} for k in wanted]}
+               "outputs": [v2_binary.output_entry(k, outs[k], DTYPES.get(sig.output_sigs[k].dtype, ("", "BYTES", None))[1],
+                                                  binary_per.get(k, binary_default), tail) for k in wanted]}
         rid = req.get("id")
         if rid is not None:
             out["id"] = rid if isinstance(rid, str) else str(rid)
-        return 200, out, v.label
+        return 200, out, v.label, tail
 
     # -- admin / monitor --
     async def admin_reload(self, scope: dict) -> tuple[int, Any]:
@@ -1313,7 +1451,8 @@ class App:
                       "outlier_rate": (x.outliers / x.scored) if x.scored else 0.0,
                       "test": {"scored": x.test_scored, "outliers": x.test_outliers},
                       "threshold": x.concept.threshold if x.concept else None,
-                      "predictions": x.predictions}
+                      "predictions": x.predictions,
+                      "batching": x.batcher.stats() if x.batcher is not None else None}
             for x in model.versions.values()
         }
         if v is None:
@@ -1368,7 +1507,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="mlflowctl model server (TF Serving REST + Open Inference V2 + drift)")
+    p = argparse.ArgumentParser(description="mlflowctl model server (TF Serving REST and gRPC + Open Inference V2 "
+                                            "+ drift)")
     p.add_argument("--model-name", default=os.environ.get("MODEL_NAME", "model"))
     p.add_argument("--base-path", default=None, help="registry folder of the model (default $MODEL_BASE_PATH/<name>)")
     p.add_argument("--routing", default=os.environ.get("ROUTING_FILE") or None,
@@ -1383,6 +1523,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine", default=os.environ.get("SERVE_ENGINE", "auto"), choices=["auto", "tf"],
                    help="auto: run serving_default on TFLite when it converts and matches TensorFlow (much "
                         "lower per-call overhead), else TensorFlow; tf: TensorFlow concrete functions only")
+    p.add_argument("--grpc-port", type=int, default=int(os.environ.get("GRPC_PORT", "8500")),
+                   help="port of TF Serving's gRPC API (PredictionService, ModelService); 0 turns gRPC off")
+    p.add_argument("--grpc-host", default=os.environ.get("GRPC_HOST") or None,
+                   help="address the gRPC API listens on (default: --host)")
+    BatchConfig.add_arguments(p)
     p.add_argument("--http", default="auto", choices=["auto", "httptools", "h11"],
                    help="uvicorn HTTP parser (auto: httptools when installed)")
     p.add_argument("--loop", default="auto", choices=["auto", "uvloop", "asyncio"],
@@ -1397,8 +1542,24 @@ def main(argv: list[str] | None = None) -> int:
     routing_path = Path(args.routing).resolve() if args.routing else None
     if args.max_body_bytes < 1024:
         raise SystemExit("serve: --max-body-bytes must be at least 1024")
+    if not 0 <= args.grpc_port <= 65535:
+        raise SystemExit("serve: --grpc-port must be between 0 (gRPC off) and 65535")
+    try:
+        batching = BatchConfig.from_args(args)
+    except ValueError as exc:
+        raise SystemExit(f"serve: {exc}") from None
+    grpc_host = args.grpc_host or args.host
 
     sock = bind_socket(args.host, args.port)  # fail fast (port in use) before the slow TF import
+    if args.grpc_port:
+        if (grpc_host, args.grpc_port) == (args.host, args.port):
+            raise SystemExit("serve: --grpc-port must differ from --port")
+        try:
+            bind_socket(grpc_host, args.grpc_port).close()
+        except SystemExit as exc:
+            sock.close()
+            raise SystemExit(str(exc).replace("serve: port", "serve: gRPC port")
+                             .replace("pick another port", "pick another --grpc-port, or 0 to turn gRPC off")) from None
     try:
         import uvicorn
     except ImportError:
@@ -1410,13 +1571,24 @@ def main(argv: list[str] | None = None) -> int:
         tf.config.threading.set_inter_op_parallelism_threads(1)
     if not base.is_dir():
         log.warning("model base path %s does not exist (yet); nothing is served until versions appear there", base)
-    model = Model(args.model_name, base, routing_path)
+    model = Model(args.model_name, base, routing_path, batching)
     metrics = Metrics(args.model_name, model)
     try:
         model.reload()
     except ValueError as exc:
         raise SystemExit(f"serve: {exc}") from None
-    app = App(model, metrics, args.max_body_bytes)
+    grpc_server = None
+    if args.grpc_port:
+        from grpc_service import GrpcServer
+
+        grpc_server = GrpcServer(None, grpc_host, args.grpc_port, args.max_body_bytes)
+    app = App(model, metrics, args.max_body_bytes, grpc_server)
+    # TensorFlow leaves ~10^6 long-lived objects: a full collection walking them stalls the event loop for
+    # tens of ms. Freezing what exists now keeps them out of every later collection.
+    gc.collect()
+    gc.freeze()
+    if grpc_server is not None:
+        grpc_server.app = app
     app.watch_routing = args.watch_routing
 
     config = uvicorn.Config(app, loop=args.loop, http=args.http, lifespan="on", access_log=False,
@@ -1440,11 +1612,16 @@ def main(argv: list[str] | None = None) -> int:
                 labels = ", ".join(f"{k}={v}" for k, v in sorted(d["labels"].items())) or "none"
                 print(f"serve: model '{model.name}' versions {sorted(model.versions)} (labels: {labels}"
                       f"{', canary weight %g' % model.canary_weight if model.canary else ''}) "
-                      f"at http://{host_url}:{args.port}/v1/models/{model.name} (V2 at /v2, metrics at /metrics)",
-                      flush=True)
+                      f"at http://{host_url}:{args.port}/v1/models/{model.name} (V2 at /v2, metrics at /metrics)"
+                      f"{'; gRPC at ' + grpc_server.address if grpc_server else ''}"
+                      f"{'; batching on' if batching.enabled else ''}", flush=True)
 
     server = Server(config)
+    connections = server.server_state.connections  # the batcher flushes once every connection has a request queued
+    batching.clients = connections.__len__
     server.run(sockets=[sock])
+    if app.startup_error:
+        raise SystemExit(f"serve: {app.startup_error}")
     print("serve: stopped", flush=True)
     return 0
 

@@ -180,6 +180,8 @@ def cmd_serve(root: Path, overrides: dict[str, str], args: Any) -> int:
             print(f"{target.name} server: not running (start it with: mlflowctl serve start)")
             return EXIT_OK
         print(status.get("predict_url") or target.endpoint().predict_url)
+        if status.get("grpc"):
+            print(f"  gRPC (TF Serving PredictionService): {status['grpc']}")
         labels = {v: k for k, v in (status.get("labels") or {}).items()}
         for v in status.get("versions") or []:
             label = f"  [{labels[v['version']]}]" if v.get("version") in labels else ""

@@ -171,6 +171,8 @@ SCHEMA: dict[str, Any] = {
         batch_size=Setting(int, 100, "images per request"),
         noise=Setting(float, 0.5, "std-dev of the Gaussian noise added for the out-of-distribution part"),
         timeout=Setting(float, 30.0, "seconds per request"),
+        transport=Setting(str, "rest", "how the test talks to the endpoint: rest (its predict_url) or grpc (TF Serving's "
+                                       "gRPC PredictionService, e.g. serving.local.grpc_port)", choices=("rest", "grpc")),
     ),
     "monitor": _stage(
         max_drift_rate=Setting(float, 0.5, "share of out-of-distribution requests above which monitor fails"),

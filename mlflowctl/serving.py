@@ -24,6 +24,7 @@ class Endpoint:
     model_name: str
     version: int
     protocol: str = "tfserving"  # tfserving | seldon | v2 | hydrosphere
+    grpc: str = ""      # host:port of TF Serving's gRPC API (PredictionService) for this version, if served
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

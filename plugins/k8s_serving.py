@@ -130,7 +130,8 @@ class KubeServerRuntime:
         b = self.backend
         command = ["python", SERVER_SCRIPT, "--model-name", self.model, "--base-path", f"/models/{self.model}",
                    "--routing", "/serving/routing.json", "--watch-routing", "0.5", "--host", "0.0.0.0",
-                   "--port", str(self.port), "--max-body-bytes", str(int(self.target._cfg("max_body_bytes")))]
+                   "--port", str(self.port), "--max-body-bytes", str(int(self.target._cfg("max_body_bytes"))),
+                   "--grpc-port", "0"]  # REST and V2 only in the cluster: gRPC is not exposed by the Service yet
         container: dict[str, Any] = {
             "name": "serve", "image": image, "imagePullPolicy": b.setting("image_pull_policy"), "command": command,
             "env": [{"name": "HOME", "value": "/tmp"}, {"name": "PYTHONUNBUFFERED", "value": "1"},

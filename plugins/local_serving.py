@@ -428,6 +428,12 @@ class LocalServing(ServingTarget):
     settings = {
         "host": Setting(str, "127.0.0.1", "address the model server listens on"),
         "port": Setting(int, 8501, "port of the model server (TF Serving's REST port by default)"),
+        "grpc_port": Setting(int, 8500, "port of TF Serving's gRPC API (PredictionService, ModelService) on the same "
+                                        "host; 0 turns gRPC off"),
+        "batching": Setting(bool, False, "dynamic batching: concurrent requests of a version run as one model call"),
+        "batch_window_us": Setting(int, 500, "microseconds the first request of a batch waits for others"),
+        "max_batch": Setting(int, 64, "rows per batched model call"),
+        "batch_queue": Setting(int, 1024, "requests waiting for a batch; more are answered 503 with Retry-After"),
         "max_body_bytes": Setting(int, 8 * 1024 * 1024, "largest request body the server accepts (413 above)"),
         "canary_weight": Setting(float, 0.0, "share (0..1) of unlabelled requests sent to the canary version"),
         "start_timeout": Setting(float, 60.0, "seconds to wait for the server, or a version, to become ready"),
@@ -481,6 +487,14 @@ class LocalServing(ServingTarget):
 
     def metrics_url(self) -> str | None:
         return f"{self.url}/metrics"
+
+    @property
+    def grpc_target(self) -> str:
+        """``host:port`` of the gRPC API (empty when gRPC is off), loopback for a wildcard host."""
+        port = int(self._cfg("grpc_port"))
+        if not port or self.runtime_name == "k8s":  # in a cluster the server runs without gRPC (not exposed yet)
+            return ""
+        return self.url[len("http://"):].rsplit(":", 1)[0] + f":{port}"
 
     # ------------------------------------------------------------------ runtimes
     @property
@@ -596,19 +610,32 @@ class LocalServing(ServingTarget):
         """Where the server finds the registry: a local folder, or (a cluster runtime) a store path."""
         return runtime.base_path() if hasattr(runtime, "base_path") else self._base_path()
 
+    def _server_args(self) -> list[str]:
+        """The server's arguments from the settings (after model, base path and routing file)."""
+        port, grpc_port = int(self._cfg("port")), int(self._cfg("grpc_port"))
+        if not 0 <= grpc_port <= 65535 or grpc_port == port:
+            raise ConfigError(f"serving.local.grpc_port must be 0 (gRPC off) or a port other than serving.local.port, "
+                              f"got {grpc_port}")
+        return ["--host", str(self._cfg("host")), "--port", str(port),
+                "--max-body-bytes", str(int(self._cfg("max_body_bytes"))),
+                "--grpc-port", str(grpc_port), "--batching", "on" if self._cfg("batching") else "off",
+                "--batch-window-us", str(int(self._cfg("batch_window_us"))),
+                "--max-batch", str(int(self._cfg("max_batch"))), "--batch-queue", str(int(self._cfg("batch_queue")))]
+
     def _spawn(self) -> None:
         runtime = self._runtime()
         host, port = str(self._cfg("host")), int(self._cfg("port"))
         base = self._model_base(runtime)
         args = ["--model-name", self.model_name, "--base-path", str(base), "--routing", str(self.routing_file),
-                "--host", host, "--port", str(port), "--max-body-bytes", str(int(self._cfg("max_body_bytes")))]
+                *self._server_args()]
         self.dir.mkdir(parents=True, exist_ok=True)
         try:
             offset = self.log_file.stat().st_size
         except OSError:
             offset = 0
-        info = {"runtime": runtime.name, "host": host, "port": port, "url": self.url, "base_path": str(base),
-                "started_at": time.time(), "model_name": self.model_name}
+        info = {"runtime": runtime.name, "host": host, "port": port, "url": self.url,
+                "grpc": self.grpc_target, "server_args": args[6:],  # a change of these restarts the server
+                "base_path": str(base), "started_at": time.time(), "model_name": self.model_name}
         info.update(runtime.spawn(args, base))
         _write_json_atomic(self.info_file, info)
         deadline = time.monotonic() + float(self._cfg("start_timeout"))
@@ -619,7 +646,9 @@ class LocalServing(ServingTarget):
                 self._forget()
                 gist = _log_gist(self.log_file, offset)
                 hint = f"see {self.log_file}"
-                if "already in use" in gist:
+                if "gRPC port" in gist:
+                    hint = f"stop what listens on port {self._cfg('grpc_port')} or set serving.local.grpc_port (0 turns gRPC off)"
+                elif "already in use" in gist:
                     hint = self._port_hint(port)
                 elif "No module named" in gist:
                     hint = runtime.missing_module_hint
@@ -651,6 +680,8 @@ class LocalServing(ServingTarget):
         if info.get("model_name") != self.model_name or info.get("url") != self.url:
             return False
         if (info.get("runtime") or "process") != self.runtime_name:
+            return False
+        if info.get("server_args") != self._server_args():  # gRPC port or batching changed
             return False
         try:
             return info.get("base_path") == str(self._model_base(self._runtime()))
@@ -783,7 +814,7 @@ class LocalServing(ServingTarget):
                         self._reload()
                 raise
         return Endpoint(url=self.url, predict_url=self._predict_url(version=number), model_name=self.model_name,
-                        version=number, protocol="tfserving")
+                        version=number, protocol="tfserving", grpc=self.grpc_target)
 
     def set_label(self, label: str, version: int | None) -> None:
         with self._locked():
@@ -844,13 +875,14 @@ class LocalServing(ServingTarget):
             "url": "", "model_name": self.model_name,
             "versions": [{"version": v, "state": "STOPPED", "error": ""} for v in routing["versions"]],
             "labels": routing["labels"], "canary_weight": routing["canary_weight"],
-            "predict_url": "", "metrics_url": "", "log": str(self.log_file),
+            "predict_url": "", "metrics_url": "", "grpc": "", "log": str(self.log_file),
         }
         if runtime is None:
             return out
         out.update(runtime.describe(info))
         url = self._server_url()
-        out.update(url=url, predict_url=f"{url}/v1/models/{self.model_name}:predict", metrics_url=f"{url}/metrics")
+        out.update(url=url, predict_url=f"{url}/v1/models/{self.model_name}:predict", metrics_url=f"{url}/metrics",
+                   grpc=info.get("grpc", ""))
         try:
             r = self._get(f"/v1/models/{self.model_name}")
             out["running"] = True
@@ -871,17 +903,19 @@ class LocalServing(ServingTarget):
             if int(version) not in routing["versions"]:
                 raise MlflowctlError(f"version {version} of {self.model_name} is not deployed on the local server",
                                      hint=f"served: {routing['versions'] or 'none'}")
-            return Endpoint(self.url, self._predict_url(version=int(version)), self.model_name, int(version))
+            return Endpoint(self.url, self._predict_url(version=int(version)), self.model_name, int(version),
+                            grpc=self.grpc_target)
         if label is not None:
             if label not in routing["labels"]:
                 raise MlflowctlError(f"no version of {self.model_name} has the label {label!r}",
                                      hint=f"labels: {routing['labels'] or 'none'}")
-            return Endpoint(self.url, self._predict_url(label=label), self.model_name, routing["labels"][label])
+            return Endpoint(self.url, self._predict_url(label=label), self.model_name, routing["labels"][label],
+                            grpc=self.grpc_target)
         if not routing["versions"]:
             raise MlflowctlError(f"no version of {self.model_name} is deployed on the local server",
                                  hint="mlflowctl run (or deploy a version) first")
         number = routing["labels"].get("stable", max(routing["versions"]))
-        return Endpoint(self.url, self._predict_url(), self.model_name, number)
+        return Endpoint(self.url, self._predict_url(), self.model_name, number, grpc=self.grpc_target)
 
 
 @hookimpl

@@ -102,10 +102,12 @@ class ServerProcess:
     def __init__(self, name: str, base: Path, routing: Path, log: Path, extra: list[str] | None = None) -> None:
         self.name = name
         self.port = free_port()
+        self.grpc_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.log = log
         cmd = [sys.executable, str(SERVE), "--model-name", name, "--base-path", str(base), "--routing", str(routing),
-               "--host", "127.0.0.1", "--port", str(self.port), *(extra or [])]
+               "--host", "127.0.0.1", "--port", str(self.port), "--grpc-port", str(self.grpc_port), *(extra or [])]
         self._fh = open(log, "wb")
         self.proc = subprocess.Popen(cmd, cwd=str(SERVE.parent), stdout=self._fh, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)

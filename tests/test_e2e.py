@@ -40,6 +40,7 @@ serving:
   target: local
   local:
     port: {port}
+    grpc_port: {grpc_port}
 """
 
 
@@ -83,7 +84,7 @@ def stable_answers(port: int, name: str) -> list[int]:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     port = free_port()
-    root = make_project(tmp_path_factory.mktemp("e2e") / "proj", SMALL.format(port=port))
+    root = make_project(tmp_path_factory.mktemp("e2e") / "proj", SMALL.format(port=port, grpc_port=free_port()))
     yield root, port
     subprocess.run([str(VENV_BIN / "mlflowctl"), "-C", str(root), "serve", "stop"], env=doit_env(),
                    capture_output=True, timeout=60)
@@ -101,6 +102,7 @@ def test_pipeline_from_empty_state_to_monitored_endpoint(project):
     status = mlflowctl(root, "serve", "status").stdout.splitlines()
     assert status[0] == f"http://127.0.0.1:{port}/v1/models/fmnist:predict"
     assert "  version 1: AVAILABLE  [stable]" in status
+    assert any(line.startswith("  gRPC (TF Serving PredictionService): 127.0.0.1:") for line in status), status
     report = mlflowctl(root, "report").stdout
     assert f"endpoint:  http://127.0.0.1:{port}/v1/models/fmnist:predict" in report and "accuracy:  0." in report
     store = root / ".mlflowctl" / "store"

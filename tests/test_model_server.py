@@ -640,7 +640,8 @@ def test_plugin_registers(plugin_module):
     plugin_module.mlflowctl_add_serving_targets(registry=reg)
     assert reg.serving_target("local") is plugin_module.LocalServing
     assert set(plugin_module.LocalServing.settings) == {"host", "port", "max_body_bytes", "canary_weight",
-                                                       "start_timeout", "python", "runtime"}
+                                                       "start_timeout", "python", "runtime", "grpc_port", "batching",
+                                                       "batch_window_us", "max_batch", "batch_queue"}
 
 
 def test_plugin_import_is_light():
@@ -661,8 +662,8 @@ def test_plugin_lifecycle(plugin_module, registry, tmp_path):
 
     models_root = registry.parent.parent  # .../store  (registry = store/models/mnist)
     project = make_project(tmp_path, models_root)
-    port = fx.free_port()
-    target = plugin_module.LocalServing({"port": port, "start_timeout": 90.0}, project)
+    port, grpc_port = fx.free_port(), fx.free_port()
+    target = plugin_module.LocalServing({"port": port, "grpc_port": grpc_port, "start_timeout": 90.0}, project)
     other = None
     V = SimpleNamespace  # noqa: N806 - a ModelVersion look-alike
     try:
@@ -670,6 +671,7 @@ def test_plugin_lifecycle(plugin_module, registry, tmp_path):
         assert st["running"] is False and st["versions"] == []
         ep = target.deploy(V(name=NAME, number=1, path=f"models/{NAME}/1", metadata={}), label="stable")
         assert ep.url == f"http://127.0.0.1:{port}" and ep.version == 1 and ep.protocol == "tfserving"
+        assert ep.grpc == f"127.0.0.1:{grpc_port}"
         assert ep.predict_url == f"http://127.0.0.1:{port}/v1/models/{NAME}/versions/1:predict"
         pid = int((project.state_dir / "serve" / "server.pid").read_text())
         r = requests.post(ep.predict_url, json={"instances": [BLANK]}, timeout=10)
@@ -683,6 +685,7 @@ def test_plugin_lifecycle(plugin_module, registry, tmp_path):
                                   {"version": 2, "state": "AVAILABLE", "error": ""}]
         assert st["labels"] == {"stable": 1, "canary": 2} and st["canary_weight"] == 0.5
         assert st["predict_url"] == f"http://127.0.0.1:{port}/v1/models/{NAME}:predict"
+        assert st["grpc"] == f"127.0.0.1:{grpc_port}"
         assert target.metrics_url() == f"http://127.0.0.1:{port}/metrics"
         assert requests.get(target.metrics_url(), timeout=10).status_code == 200
         routing = json.loads((project.state_dir / "serve" / "routing.json").read_text())
@@ -721,7 +724,7 @@ def test_plugin_lifecycle(plugin_module, registry, tmp_path):
         # a second server on the same port: one-line UnavailableError naming the port
         other_state = tmp_path / "other"
         other_state.mkdir()
-        other = plugin_module.LocalServing({"port": port, "start_timeout": 60.0},
+        other = plugin_module.LocalServing({"port": port, "grpc_port": fx.free_port(), "start_timeout": 60.0},
                                            SimpleNamespace(**{**vars(project), "state_dir": other_state}))
         with pytest.raises(UnavailableError, match="already in use") as ei:
             other.start()
@@ -739,7 +742,7 @@ def test_plugin_lifecycle(plugin_module, registry, tmp_path):
 def test_plugin_stale_pid_and_restart(plugin_module, registry, tmp_path):
     project = make_project(tmp_path, registry.parent.parent)
     port = fx.free_port()
-    target = plugin_module.LocalServing({"port": port, "start_timeout": 90.0}, project)
+    target = plugin_module.LocalServing({"port": port, "grpc_port": 0, "start_timeout": 90.0}, project)
     serve_dir = project.state_dir / "serve"
     serve_dir.mkdir()
     (serve_dir / "server.pid").write_text("999999\n")  # no such process
@@ -760,7 +763,7 @@ def test_plugin_nothing_registered(plugin_module, tmp_path):
     from mlflowctl.errors import MlflowctlError
 
     project = make_project(tmp_path, tmp_path / "empty-store")
-    target = plugin_module.LocalServing({"port": fx.free_port()}, project)
+    target = plugin_module.LocalServing({"port": fx.free_port(), "grpc_port": 0}, project)
     with pytest.raises(MlflowctlError, match="no registered version"):
         target.start()
     assert target.status()["running"] is False
@@ -770,14 +773,15 @@ def test_plugin_start_failures_are_one_line(plugin_module, registry, tmp_path):
     from mlflowctl.errors import UnavailableError
 
     project = make_project(tmp_path, registry.parent.parent)
-    bad_python = plugin_module.LocalServing({"port": fx.free_port(), "python": str(tmp_path / "no-python")}, project)
+    bad_python = plugin_module.LocalServing({"port": fx.free_port(), "grpc_port": 0, "python": str(tmp_path / "no-python")},
+                                            project)
     with pytest.raises(UnavailableError, match="cannot start the model server") as ei:
         bad_python.start()
     assert "\n" not in str(ei.value) and "serving.local.python" in str(ei.value)
 
     serve_dir = project.state_dir / "serve"
     (serve_dir / "routing.json").write_text('{"versions": "all of them"}')
-    target = plugin_module.LocalServing({"port": fx.free_port(), "start_timeout": 90.0}, project)
+    target = plugin_module.LocalServing({"port": fx.free_port(), "grpc_port": 0, "start_timeout": 90.0}, project)
     try:
         with pytest.raises(UnavailableError, match="exited at start") as ei:
             target.start()
@@ -785,3 +789,30 @@ def test_plugin_start_failures_are_one_line(plugin_module, registry, tmp_path):
         assert not (serve_dir / "server.pid").exists()
     finally:
         target.stop()
+
+
+def test_plugin_grpc_and_batching_settings_restart_the_server(plugin_module, registry, tmp_path):
+    """A change of grpc_port or batching restarts the running server with the new arguments."""
+    project = make_project(tmp_path, registry.parent.parent)
+    port, grpc_port = fx.free_port(), fx.free_port()
+    (project.state_dir / "serve").mkdir()
+    fx.write_routing(project.state_dir / "serve" / "routing.json", [2], {"stable": 2})
+    first = plugin_module.LocalServing({"port": port, "grpc_port": 0, "start_timeout": 90.0}, project)
+    second = plugin_module.LocalServing({"port": port, "grpc_port": grpc_port, "batching": True, "max_batch": 16,
+                                         "start_timeout": 90.0}, project)
+    try:
+        assert first.start().grpc == ""
+        pid = first.status()["pid"]
+        drift = requests.get(f"http://127.0.0.1:{port}/monitor/v1/models/{NAME}/drift", timeout=10).json()
+        assert drift["versions"]["2"]["batching"] is None
+        ep = second.start()
+        st = second.status()
+        assert st["pid"] != pid and st["grpc"] == ep.grpc == f"127.0.0.1:{grpc_port}"
+        drift = requests.get(f"http://127.0.0.1:{port}/monitor/v1/models/{NAME}/drift", timeout=10).json()
+        assert drift["versions"]["2"]["batching"]["max_batch"] == 16
+        assert second.start().version == 2 and second.status()["pid"] == st["pid"]  # same settings: no restart
+        with socket.create_connection(("127.0.0.1", grpc_port), timeout=5):
+            pass
+    finally:
+        second.stop()
+        first.stop()

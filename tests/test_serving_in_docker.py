@@ -36,6 +36,21 @@ def serve_containers(client, serve_dir: Path) -> list:
             if c.labels.get("mlflowctl.serve-dir") == str(serve_dir)]
 
 
+def grpc_predict(target: str, version: int) -> int:
+    import grpc
+    import numpy as np
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    req = predict_pb2.PredictRequest()
+    req.model_spec.name = NAME
+    req.model_spec.version.value = version
+    req.inputs["images"].CopyFrom(tf.make_tensor_proto(np.zeros((1, 784), np.float32)))
+    with grpc.insecure_channel(target) as channel:
+        resp = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(req, timeout=30)
+    return int(tf.make_ndarray(resp.outputs["probabilities"]).argmax())
+
+
 def predict(url: str) -> int:
     r = requests.post(url, json={"instances": [BLANK]}, timeout=30)
     assert r.status_code == 200, r.text
@@ -49,7 +64,8 @@ def project(tmp_path_factory, docker_client):
     root = make_project(tmp_path_factory.mktemp("serve-docker") / "proj")
     fx.build_registry(root / ".mlflowctl" / "store" / "models" / NAME)
     port = fx.free_port()
-    proj = Project(root, {"backend": "docker", "serving.local.port": str(port)})
+    proj = Project(root, {"backend": "docker", "serving.local.port": str(port),
+                          "serving.local.grpc_port": str(fx.free_port())})
     started = time.monotonic()
     proj.backend.ensure_image()  # build (or find) the image outside the start timeout
     (proj.state_dir / "serve").mkdir(parents=True, exist_ok=True)
@@ -80,6 +96,7 @@ def test_lifecycle_in_a_container(project, docker_client):
         assert container.attrs["Config"]["User"] == f"{os.getuid()}:{os.getgid()}"
         assert container.image.id == proj.backend.ensure_image().id
         assert predict(ep.predict_url) == 1
+        assert grpc_predict(ep.grpc, 1) == 1  # the image has the gRPC API (tensorflow-serving-api, grpcio)
 
         # a second version beside the first; labels route; the same container reloads
         ep2 = target.deploy(V(name=NAME, number=2, path=f"models/{NAME}/2", metadata={}), label="canary")
@@ -184,7 +201,7 @@ def test_pipeline_with_server_in_container(tmp_path, docker_client):
     port = fx.free_port()
     args = [str(VENV_BIN / "doit"), "backend=docker", "train_model.epochs=1", "train_model.steps=30",
             "train_concept.epochs=1", "train_concept.steps=30", "integration_test.min_accuracy=0.3",
-            f"serving.local.port={port}"]
+            f"serving.local.port={port}", f"serving.local.grpc_port={fx.free_port()}", "integration_test.transport=grpc"]
     serve_dir = (root / ".mlflowctl" / "serve").absolute()
     try:
         started = time.monotonic()
@@ -204,6 +221,8 @@ def test_pipeline_with_server_in_container(tmp_path, docker_client):
         assert r.status_code == 200 and len(r.json()["predictions"][0]) == 10, r.text
         stable = requests.get(f"http://127.0.0.1:{port}/v1/models/{NAME}/labels/stable", timeout=10).json()
         assert [s["version"] for s in stable["model_version_status"]] == ["1"]
+        (report,) = (root / ".mlflowctl" / "store" / "results" / "integration_test").glob("*/report.json")
+        assert json.loads(report.read_text())["transport"] == "grpc"  # the stage talked gRPC to the container
     finally:
         stop = subprocess.run([str(VENV_BIN / "mlflowctl"), "-C", str(root), "serve", "stop"], env=doit_env(),
                               capture_output=True, text=True, timeout=120)

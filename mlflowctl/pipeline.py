@@ -273,7 +273,8 @@ class Pipeline:
                 raise
             manifest = {"stage": stage.name, "key": info.key, "components": info.components,
                         "duration": round(result.duration, 3), "finished_at": time.time(),
-                        "run": {k: v for k, v in result.detail.items() if isinstance(v, (str, int, float, bool))}}
+                        "run": {"backend": project.backend.name if stage.command else "orchestrator",
+                                **{k: v for k, v in result.detail.items() if isinstance(v, (str, int, float, bool))}}}
             if in_store:
                 store.put(log_path, f"{out}/_logs/{stage.name}.log")
                 store.publish_staged(out, info.path, manifest=manifest)

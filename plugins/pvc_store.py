@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -36,6 +37,7 @@ from mlflowctl.stores import MANIFEST, Store
 from mlflowctl_plugins.kube import Kube, check_dns_label, check_quantity, dns_name
 
 SERVER_PORT = 8080
+_RESULT = re.compile(r"^results/[^/]+/[^/]+(/_manifest\.json)?$")  # published results: immutable
 SERVER_FILES = {  # file name in the ConfigMap -> where its source lives
     "store_server.py": Path(__file__).with_name("pvc_store_server.py"),
     "manifest.py": Path(__file__).resolve().parent.parent / "mlflowctl" / "manifest.py",
@@ -74,6 +76,9 @@ class PvcStore(Store):
         "access_mode": Setting(str, "ReadWriteOnce", "access mode of that claim (ReadWriteMany for several nodes)",
                                choices=("ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod")),
         "start_timeout": Setting(float, 120.0, "seconds to wait for the store server to become ready"),
+        "remember_results": Setting(bool, True, "remember published results this machine has seen (they never "
+                                                "change), so a no-op run asks the cluster almost nothing; a result "
+                                                "deleted on the claim by hand is then not noticed here"),
     }
 
     def __init__(self, url: str, settings: dict[str, Any], project: Any) -> None:
@@ -94,8 +99,11 @@ class PvcStore(Store):
         pick = lambda key: (settings or {}).get(key) or k8s.get(key) or ""  # noqa: E731
         self.kube = Kube(pick("context"), pick("namespace"), pick("kubeconfig"), where="stores.pvc")
         self.server = dns_name("mlflowctl-store", claim)
-        self._ready = False
+        self._ready = False      # preflight done in this process (the server checked, created or updated)
+        self._answered = False   # the server answered a request in this process
         self._cache_dir = Path(project.state_dir) / "cache" / "pvc"
+        self._known_file = self._cache_dir / f"results-{hashlib.sha256(url.encode()).hexdigest()[:16]}.json"
+        self._known_cache: dict[str, Any] | None = None
 
     def setting(self, key: str) -> Any:
         value = (self.config or {}).get(key)
@@ -207,9 +215,14 @@ class PvcStore(Store):
 
     # -- HTTP to the server ------------------------------------------------------------------------
     def _request(self, method: str, route: str, ok: tuple[int, ...] = (200,), **kwargs: Any) -> Any:
-        if not self._ready:
+        # Reads go straight to the server: a no-op run needs no set-up check (7 requests) when it answers.
+        r = self.kube.proxy(method, self.server, SERVER_PORT, route, **kwargs) \
+            if self._ready or self._answered or method == "GET" else None
+        if r is None or _from_api_server(r):  # no server answered (not there yet, or not ready): set it up, retry
+            self._ready = self._answered = False
             self.preflight()
-        r = self.kube.proxy(method, self.server, SERVER_PORT, route, **kwargs)
+            r = self.kube.proxy(method, self.server, SERVER_PORT, route, **kwargs)
+        self._answered = True
         if r.status_code not in ok:
             try:
                 message = r.json().get("error", r.text[:200])
@@ -236,15 +249,59 @@ class PvcStore(Store):
         return f".staging/{name}"
 
     # -- objects -------------------------------------------------------------------------------------
+    # -- published results are immutable: what this machine has seen of them, it need not ask again --------
+    def _known(self) -> dict[str, Any]:
+        if self._known_cache is None:
+            try:
+                self._known_cache = json.loads(self._known_file.read_text())
+            except (OSError, ValueError):
+                self._known_cache = {}
+        return self._known_cache
+
+    def _remember(self, path: str, value: Any) -> None:
+        if not self.setting("remember_results") or not _RESULT.match(path.strip("/")):
+            return
+        known = self._known()
+        known[path.strip("/")] = value
+        self._known_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._known_file.with_name(f".{self._known_file.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(known))
+        os.replace(tmp, self._known_file)
+
+    def _forget(self, path: str) -> None:
+        prefix = path.strip("/")
+        known = self._known()
+        gone = [k for k in known if k == prefix or k.startswith(prefix + "/") or not prefix]
+        if gone:
+            for k in gone:
+                known.pop(k, None)
+            self._remember_all(known)
+
+    def _remember_all(self, known: dict[str, Any]) -> None:
+        self._known_file.parent.mkdir(parents=True, exist_ok=True)
+        self._known_file.write_text(json.dumps(known))
+
     def exists(self, path: str) -> bool:
-        return bool(self._request("GET", "v1/stat", params={"path": self._check(path)}).json()["exists"])
+        if self.setting("remember_results") and path.strip("/") in self._known():
+            return True
+        found = bool(self._request("GET", "v1/stat", params={"path": self._check(path)}).json()["exists"])
+        if found:
+            self._remember(path, True)
+        return found
 
     def list(self, prefix: str) -> list[str]:
         return list(self._request("GET", "v1/list", params={"path": self._check(prefix)}).json()["names"])
 
     def read_bytes(self, path: str) -> bytes | None:
+        seen = self._known().get(path.strip("/")) if self.setting("remember_results") else None
+        if isinstance(seen, str):
+            return seen.encode()
         r = self._request("GET", "v1/file", ok=(200, 404), params={"path": self._check(path)})
-        return r.content if r.status_code == 200 else None
+        if r.status_code != 200:
+            return None
+        if path.strip("/").endswith(MANIFEST):
+            self._remember(path, r.content.decode("utf-8", "replace"))
+        return r.content
 
     def read_json(self, path: str, default: Any = None) -> Any:
         data = self.read_bytes(path)  # one request, not exists + open
@@ -283,6 +340,7 @@ class PvcStore(Store):
         return Path(dest)
 
     def delete(self, path: str) -> None:
+        self._forget(path)
         self._request("DELETE", "v1/path", params={"path": self._check(path)})
 
     # -- directories -------------------------------------------------------------------------------------
@@ -363,6 +421,16 @@ class PvcStore(Store):
                           params={"src": self._check(staging), "dst": self._check(path)},
                           data=json.dumps(manifest or {}).encode(), headers={"Content-Type": "application/json"})
         return bool(r.json().get("published"))
+
+
+def _from_api_server(r: Any) -> bool:
+    """Did the API server answer for the proxy (no such service, no ready endpoint) rather than the store server?"""
+    if r.status_code not in (404, 502, 503) or "json" not in r.headers.get("content-type", ""):
+        return False
+    try:
+        return r.json().get("kind") == "Status"
+    except ValueError:
+        return False
 
 
 class _Upload(io.BytesIO):

@@ -210,7 +210,8 @@ def test_pipeline_stages_pass_results_through_the_store(project, docker_client):
     log = (project.state_dir / "logs" / "consume.log").read_text()
     assert "UP_DIR=/mnt/inputs/UP_DIR" in log
     key = pipeline.resolve(producer).components["backend"]
-    assert key == {"backend": "docker", "environment_digest": project.backend.context_info().environment_digest[:20]}
+    # the image's environment, and no backend name: a k8s Job of the same image shares the result
+    assert key == {"image_environment": project.backend.context_info().environment_digest[:20]}
     assert not docker_client.containers.list(all=True, filters={"label": f"mlflowctl.project={SESSION}"})
 
 
@@ -510,7 +511,7 @@ def test_full_pipeline_in_docker(tmp_path, docker_client):
     assert (version / "saved_model.pb").is_file() and (version / "concept" / "saved_model.pb").is_file()
     metadata = json.loads((version / "metadata.json").read_text())
     backend = metadata["backend"]
-    assert backend["backend"] == "docker" and backend["image"].startswith("sha256:") and backend["environment_digest"]
+    assert backend["backend"] == "docker" and backend["image"].startswith("sha256:") and backend["image_environment"]
 
     for path in (root / ".mlflowctl" / "store").rglob("*"):
         assert path.lstat().st_uid == os.getuid(), f"{path} is owned by uid {path.lstat().st_uid}"

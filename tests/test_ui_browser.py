@@ -96,7 +96,7 @@ def served(browser, root: Path, *overrides: str):
 def state(tmp_path_factory):
     """A real pipeline state: version 1 stable, version 2 rejected by the gate, live traffic, two reports."""
     port = free_port()
-    root = make_project(tmp_path_factory.mktemp("ui") / "proj", SMALL.format(port=port))
+    root = make_project(tmp_path_factory.mktemp("ui") / "proj", SMALL.format(port=port, grpc_port=free_port()))
     try:
         doit(root, "-n", "2")
         bad = doit(root, "train_model.seed=7", "integration_test.min_accuracy=0.99", check=False)

@@ -625,6 +625,15 @@ class UiServer(ThreadingHTTPServer):
     def url(self) -> str:
         return f"http://{HOST}:{self.port}/"
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A browser that drops a connection (reset, broken pipe) is normal; anything else is one line."""
+        import sys
+
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, TimeoutError)):
+            return
+        print(f"mlflowctl ui: error answering {client_address[0]}: {type(exc).__name__}: {exc}", file=sys.stderr)
+
 
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")

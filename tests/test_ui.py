@@ -336,3 +336,20 @@ def test_help_does_not_import_the_ui():
              "print('LOADED:' + ','.join(m for m in ('jinja2', 'mlflowctl.ui', 'http.server') if m in sys.modules))\n")
     proc = subprocess.run([str(VENV_BIN / "python"), "-c", probe], capture_output=True, text=True, timeout=60)
     assert proc.stdout.rstrip().endswith("LOADED:"), proc.stdout + proc.stderr
+
+
+def test_a_client_that_resets_its_connection_prints_no_traceback(project_dir):
+    """Browsers drop connections (reset) all the time: the server says nothing about it."""
+    import socket
+    import struct
+    from urllib.parse import urlparse
+
+    ui_proc = Ui(project_dir)
+    port = urlparse(ui_proc.url).port
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1")  # half a request, then a reset (SO_LINGER 0)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    assert requests.get(ui_proc.url, timeout=10).status_code == 200  # still serving
+    err = ui_proc.stop()  # asserts exit 0 and no traceback
+    assert "Exception occurred" not in err and "ConnectionResetError" not in err

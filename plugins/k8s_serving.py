@@ -15,12 +15,10 @@ container under ``backend=docker``:
 """
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 from typing import Any
 
-from mlflowctl.errors import ConfigError, MlflowctlError, UnavailableError
+from mlflowctl.errors import ConfigError, UnavailableError
 from mlflowctl_plugins.kube import dns_name
 
 SERVER_SCRIPT = "serve.py"

@@ -8,8 +8,6 @@ stage gives its one line. Also: results computed with `backend=docker` are reuse
 """
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
 import time
@@ -18,6 +16,7 @@ import pytest
 import yaml
 
 from conftest import VENV_BIN, doit_env, make_project
+from test_e2e import doit, mlflowctl, ran
 from kube_fixtures import k8s_settings, leftovers
 
 pytestmark = pytest.mark.slow
@@ -33,26 +32,6 @@ SMALL = {
 }
 
 
-def doit(root, *args, check=True, timeout=1500):
-    proc = subprocess.run([str(VENV_BIN / "doit"), *args], cwd=root, env=doit_env(), capture_output=True,
-                          text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"doit {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def mlflowctl(root, *args, check=True):
-    proc = subprocess.run([str(VENV_BIN / "mlflowctl"), "-C", str(root), *args], env=doit_env(),
-                          capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"mlflowctl {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def ran(proc) -> list[str]:
-    return [line[3:].strip() for line in proc.stdout.splitlines() if line.startswith(".  ")]
-
-
 @pytest.fixture
 def k8s_project(tmp_path, pvc_claim, docker_client):
     namespace, claim = pvc_claim
@@ -62,7 +41,7 @@ def k8s_project(tmp_path, pvc_claim, docker_client):
 
 def test_pipeline_on_kubernetes_from_empty_state(k8s_project, kube_cluster):
     root, namespace = k8s_project
-    first = doit(root, "-n", "2")
+    first = doit(root, "-n", "2", timeout=1500)
     assert set(ran(first)) == {"data", "train_model", "train_concept", "register", "deploy", "integration_test",
                                "promote", "monitor"}, first.stdout[-3000:]
     out = first.stdout

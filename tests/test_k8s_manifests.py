@@ -15,14 +15,7 @@ import yaml
 
 from conftest import VENV_BIN, doit_env, make_project
 from kube_fixtures import KUBECONFIG, k8s_settings
-
-
-def mlflowctl(root, *args, check=True):
-    proc = subprocess.run([str(VENV_BIN / "mlflowctl"), "-C", str(root), *args], env=doit_env(),
-                          capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"mlflowctl {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
+from test_e2e import mlflowctl
 
 
 @pytest.fixture

@@ -65,7 +65,12 @@ KUBECONFIG_ADMIN="$STATE/admin.kubeconfig"
 
 # ------------------------------------------------------------------------------------- helpers
 pidfile() { echo "$STATE/run/$1.pid"; }
-running() { local p; p="$(cat "$(pidfile "$1")" 2>/dev/null)" || return 1; [ -n "$p" ] && kill -0 "$p" 2>/dev/null; }
+running() {  # a live process (a killed one can linger as a zombie until init reaps it: that is not running)
+  local p st; p="$(cat "$(pidfile "$1")" 2>/dev/null)" || return 1
+  [ -n "$p" ] && kill -0 "$p" 2>/dev/null || return 1
+  st="$(awk '{print $3}' "/proc/$p/stat" 2>/dev/null)" || return 1
+  [ "$st" != "Z" ] && [ "$st" != "X" ]
+}
 kubectl_() { kubectl --kubeconfig "$KUBECONFIG_ADMIN" --request-timeout=10s "$@"; }
 
 node_ip() {
@@ -377,6 +382,10 @@ up() {
   exec 9>"$STATE/.lock"
   flock -w 1800 9 || die "timed out waiting for another $me (lock $STATE/.lock)"
   local ip; ip="$(node_ip)"
+  if stale; then
+    say "the cluster was killed, not stopped: cleaning up its leftovers first"
+    teardown
+  fi
   ensure_packages
   ensure_binary
   say "phase certificates (node $NODE at $ip)"
@@ -452,6 +461,20 @@ down() {
   mkdir -p "$STATE/run"
   exec 9>"$STATE/.lock"
   flock -w 600 9 || die "timed out waiting for another $me (lock $STATE/.lock)"
+  teardown
+}
+
+stale() {  # pid files, but none of their processes: the cluster was killed, not stopped (a session's end)
+  local c any=""
+  for c in $COMPONENTS; do
+    [ -f "$(pidfile "$c")" ] || continue
+    any=1
+    running "$c" && return 1
+  done
+  [ -n "$any" ]
+}
+
+teardown() {
   local c bin
   bin="$(ls -1t "$CACHE"/k8s/*/kube-all 2>/dev/null | head -n 1 || true)"
   say "stopping kubelet and kube-proxy"
@@ -501,7 +524,7 @@ down() {
   for c in /sys/fs/cgroup/*/; do
     [ -d "$c${CGROUP_ROOT#/}" ] && find "$c${CGROUP_ROOT#/}" -depth -type d -exec rmdir {} + 2>/dev/null || true
   done
-  rm -rf "$KUBELET_ROOT" "$CTRD_ROOT" "$CTRD_STATE" "$STATE/etcd" "$STATE/cni/ipam" "$STATE/run"
+  rm -rf "$KUBELET_ROOT" "$CTRD_ROOT" "$CTRD_STATE" "$STATE/etcd" "$STATE/cni/ipam" "$STATE/run" "$STATE/volumes"
   if [ -f "$STATE/sysctl.saved" ]; then
     while IFS= read -r kv; do sysctl -qw "$kv" 2>/dev/null || true; done < "$STATE/sysctl.saved"
     rm -f "$STATE/sysctl.saved"

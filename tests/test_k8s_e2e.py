@@ -46,6 +46,7 @@ def test_pipeline_on_kubernetes_from_empty_state(k8s_project, kube_cluster):
                                "promote", "monitor"}, first.stdout[-3000:]
     out = first.stdout
     assert "[train_model] job mlflowctl-k8se2e-train-model-" in out  # a Job, its log streamed live
+    assert "wrote metrics.json" in out and "exported SavedModel to /mnt/outputs/MNIST_MODELS_DIR" in out  # pod logs
     assert "[data] " in out and "[integration_test] " in out
     models = mlflowctl(root, "models").stdout
     assert "stable" in models and " 1 " in f" {models} "
@@ -54,6 +55,14 @@ def test_pipeline_on_kubernetes_from_empty_state(k8s_project, kube_cluster):
     assert "deployment/mlflowctl-k8se2e-serve-fmnist" in status and "AVAILABLE" in status, status
     deployments = kube_cluster.apps.list_namespaced_deployment(namespace).items
     assert {d.metadata.name for d in deployments} >= {"mlflowctl-k8se2e-serve-fmnist", "mlflowctl-store-store"}
+    # the full log of each Job is kept with its result on the claim
+    from mlflowctl.project import Project
+
+    store = Project(root).store
+    logs = [p for p in store.list("results/train_model")]
+    assert logs, "no train_model result on the claim"
+    with store.open(f"results/train_model/{logs[0]}/_logs/train_model.log", "rb") as fh:
+        assert b"wrote metrics.json" in fh.read()
     report = mlflowctl(root, "report").stdout
     assert "accuracy" in report.lower()
     # nothing left of the stages: Jobs and their pods are gone once their logs were saved

@@ -118,6 +118,7 @@ ensure_packages() {
   command -v openssl >/dev/null || missing+=(openssl)
   command -v go >/dev/null || die "Go is not installed (needed to build tests/cluster); install Go >= 1.24"
   command -v kubectl >/dev/null || missing+=(kubernetes-client)
+  command -v docker-registry >/dev/null || missing+=(docker-registry)   # the tests' local registry (push/pull)
   if [ ${#missing[@]} -gt 0 ]; then
     say "installing ${missing[*]} with apt-get"
     if ! apt-get -y -q -o DPkg::Lock::Timeout=300 install --no-install-recommends "${missing[@]}" >"$STATE/logs/apt.log" 2>&1; then
@@ -245,7 +246,7 @@ ensure_firewall() {  # pods reach each other and this machine; nothing they send
 
 ensure_node_files() {
   local ip="$1"
-  mkdir -p "$STATE/cni/net.d" "$STATE/containerd" "$CTRD_ROOT" "$CTRD_STATE" "$KUBELET_ROOT"
+  mkdir -p "$STATE/cni/net.d" "$STATE/containerd" "$STATE/certs.d" "$CTRD_ROOT" "$CTRD_STATE" "$KUBELET_ROOT"
   cat > "$STATE/cni/net.d/10-mlflowctl.conflist" <<EOF
 {"cniVersion": "1.0.0", "name": "mlflowctl", "plugins": [
   {"type": "bridge", "bridge": "$BRIDGE", "isGateway": true, "ipMasq": false, "hairpinMode": true,
@@ -272,6 +273,8 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
   enable_selinux = false
   # this sandbox lacks CAP_SYS_RESOURCE: never ask runc for an oom_score_adj below containerd's own
   restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "$STATE/certs.d"   # hosts.toml per registry (the tests' local registry speaks plain HTTP)
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "$STATE/cni/net.d"

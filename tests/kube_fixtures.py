@@ -115,3 +115,49 @@ def leftovers(kube_cluster, namespace: str) -> list[str]:
 def cluster_script(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(REPO / "scripts" / "ensure-cluster.sh"), *args], capture_output=True, text=True,
                           timeout=600)
+
+
+@pytest.fixture
+def local_registry(tmp_path, kube_cluster):
+    """A real Docker registry (Debian's docker-registry, Docker's distribution) on 127.0.0.1, plain HTTP.
+
+    The node's containerd is told to pull from it over HTTP (a hosts.toml under the cluster's
+    certs.d, read at each pull); the Docker engine pushes to loopback registries over HTTP by default.
+    Yields ``127.0.0.1:<port>``.
+    """
+    import socket
+
+    binary = shutil.which("docker-registry")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("docker-registry missing (make cluster installs it)")
+        pytest.skip("docker-registry missing (apt-get install docker-registry)")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    config = tmp_path / "registry.yml"
+    config.write_text(f"version: 0.1\nlog: {{level: error}}\nstorage: {{filesystem: {{rootdirectory: {tmp_path / 'data'}}}}}\n"
+                      f"http: {{addr: {address}}}\n")
+    hosts = CLUSTER_DIR / "certs.d" / address
+    hosts.mkdir(parents=True, exist_ok=True)
+    (hosts / "hosts.toml").write_text(f'server = "http://{address}"\n\n[host."http://{address}"]\n'
+                                      f'  capabilities = ["pull", "resolve"]\n  skip_verify = true\n')
+    proc = subprocess.Popen([binary, "serve", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        import requests
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"http://{address}/v2/", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                time.sleep(0.2)
+        else:
+            raise AssertionError(f"docker-registry did not start: {proc.stderr.read(2000) if proc.poll() else ''}")
+        yield address
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        shutil.rmtree(hosts, ignore_errors=True)

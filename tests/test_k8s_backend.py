@@ -204,3 +204,21 @@ def _wait_for(predicate, seconds: float) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+def test_with_a_registry_the_image_is_pushed_and_the_node_pulls_it(tmp_path, pvc_claim, docker_client, kube_cluster,
+                                                                   local_registry):
+    """``backends.k8s.registry``: the built image is tagged and pushed there, and pods pull it (no image_load)."""
+    import requests
+
+    b = make_backend(tmp_path, *pvc_claim, registry=f"{local_registry}/team", image_load="", image_pull_policy="Always")
+    write_stage(tmp_path, "import os, pathlib\npathlib.Path(os.environ['OUT_DIR'], 'pulled').write_text('yes')\n"
+                          "print('ran from the registry')\n")
+    run = store_run(b, tmp_path)
+    lines: list[str] = []
+    run.echo = lines.append
+    result = b.run(run)
+    assert result.ok and "ran from the registry" in lines, lines
+    assert result.detail["image"].startswith(f"{local_registry}/team/k8stest:")
+    tags = requests.get(f"http://{local_registry}/v2/team/k8stest/tags/list", timeout=10).json()["tags"]
+    assert result.detail["image"].rsplit(":", 1)[1] in tags

@@ -110,6 +110,18 @@ def resolve_secret(value: Mapping[str, Any], where: str) -> str:
     raise ConfigError(f'{where}: a secret is a string, {{"$env": "VAR"}} or {{"$file": "path"}}, got {dict(value)!r}')
 
 
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def check_model_name(value: Any) -> str | None:
+    """A model name is one path segment a URL, a folder and a Kubernetes label can all hold."""
+    if (not isinstance(value, str) or not 1 <= len(value) <= 63 or not set(value) <= _NAME_CHARS
+            or not value[0].isalnum() or not value[-1].isalnum() or ".." in value):
+        return ("expected a name of 1-63 letters, digits, '.', '_' or '-', starting and ending with a letter "
+                "or digit (e.g. mnist)")
+    return None
+
+
 class Configurable:
     """What backends, stores and serving targets share: declared settings and the run's project.
 
@@ -141,7 +153,8 @@ def _stage(**settings: Setting) -> dict[str, Setting]:
 
 SCHEMA: dict[str, Any] = {
     "project": Setting(str, "mnist", "project name: names images, jobs and the state folder's content"),
-    "model_name": Setting(str, "mnist", "name of the model in the registry (models/<name>/<N>/)"),
+    "model_name": Setting(str, "mnist", "name of the model in the registry (models/<name>/<N>/)",
+                          check=check_model_name),
     "backend": Setting(str, "local", "where stages run: local, docker, k8s, or a plugin's backend"),
     "store": Setting(str, "file://.mlflowctl/store", "artifact store URL: file://path, s3://bucket/prefix, pvc://claim/path"),
     "data": _stage(

@@ -8,6 +8,7 @@ there, so any backend and any machine sharing the store share the cache.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -47,6 +48,9 @@ class Stage:
     action: Callable[..., None] | None = None   # action(project, ctx: ActionContext)
     still_valid: Callable[..., bool] | None = None  # still_valid(project, result_dir): for results that
     #                                                 stand for outside state (a deployment), is it still so?
+    superseded: Callable[..., None] | None = None  # superseded(project, ours, theirs): another run published
+    #                                                the same key first; undo what only our output stands for
+    keys: tuple[str, ...] = ()                      # top-level config keys that are part of the key (model_name)
     doc: str = ""
 
     @property
@@ -132,12 +136,13 @@ class Pipeline:
 
     def params(self, stage: Stage) -> dict[str, Any]:
         section = stage.section
+        extra = {k: self.project.config[k] for k in stage.keys}
         if not section:
-            return {}
+            return extra
         values = self.project.config[section]
         if section == "serving":  # only the selected target's settings matter
             values = {"target": values["target"], values["target"]: values.get(values["target"], {})}
-        return public(values, full_schema(self.project.pm.registry)[section])
+        return {**public(values, full_schema(self.project.pm.registry)[section]), **extra}
 
     def result_digest(self, stage_name: str) -> str | None:
         """Digest of the stage's current complete result, or None if it has none yet."""
@@ -277,13 +282,15 @@ class Pipeline:
                                 **{k: v for k, v in result.detail.items() if isinstance(v, (str, int, float, bool))}}}
             if in_store:
                 store.put(log_path, f"{out}/_logs/{stage.name}.log")
-                store.publish_staged(out, info.path, manifest=manifest)
+                published = store.publish_staged(out, info.path, manifest=manifest)
             else:
                 logs = out / "_logs"
                 logs.mkdir(exist_ok=True)
                 shutil.copyfile(log_path, logs / f"{stage.name}.log")
-                store.publish(out, info.path, manifest=manifest)
+                published = store.publish(out, info.path, manifest=manifest)
             self._digests.clear()
+            if not published:
+                self._adopt(stage, info, out, log_path)
         record = self.last_run_path(stage.name)
         record.parent.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps({"key": info.key, "components": info.components}, indent=2, sort_keys=True))
@@ -291,6 +298,17 @@ class Pipeline:
                                duration=round(result.duration, 3))
         hook.mlflowctl_after_stage(stage=stage.name, run=run, result=result)
         return result
+
+    def _adopt(self, stage: Stage, info: KeyInfo, ours: Any, log_path: Path) -> None:
+        """Another run published this key first: keep its result, say so, and undo what only ours stood for."""
+        note = (f"mlflowctl: stage {stage.name}: another run published result {info.key} first; "
+                f"using that one, this run's output is discarded")
+        print(note, file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError), open(log_path, "a") as fh:
+            fh.write(note + "\n")
+        if stage.superseded is not None:
+            local = ours if isinstance(ours, Path) else None
+            stage.superseded(self.project, local, self.project.store.fetch(info.path))
 
     def render(self, folder: Path) -> list[Path]:
         """Write what the backend would execute for each command stage into ``folder``, running nothing.

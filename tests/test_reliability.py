@@ -1,0 +1,165 @@
+"""Registry and cache consistency, and bad configuration: each test is an attack that once broke (issue 11)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+import mlflowctl
+from mlflowctl.config import load_config
+from mlflowctl.errors import EXIT_CONFIG, ConfigError
+from mlflowctl.pipeline import Pipeline, Stage
+from mlflowctl.plugin_manager import build_plugin_manager
+from mlflowctl.project import Project
+
+
+def _load_register_stage() -> Stage:
+    """The real ``register`` stage of tasks/register.py (tasks/ is not a package on the test path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_tasks_register", Path(__file__).parent.parent / "tasks" / "register.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.REGISTER
+
+
+REGISTER = _load_register_stage()
+
+TRAIN = """
+import os, pathlib
+out = pathlib.Path(os.environ["OUT"], "saved_model")
+out.mkdir()
+(out / "saved_model.pb").write_text("weights " + os.environ["STAGE_NAME"] + " " + os.environ["LEARNING_RATE"])
+"""
+
+STAGES = [
+    Stage("produce", command=("python", "train.py"), code=("train.py",), output="OUT", params="train_model"),
+    Stage("train_model", command=("python", "train.py"), code=("train.py",), output="OUT", params="train_model"),
+    Stage("train_concept", command=("python", "train.py"), code=("train.py",), output="OUT",
+          params="train_concept"),
+    REGISTER,
+]
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    (tmp_path / "image").mkdir()
+    (tmp_path / "image" / "train.py").write_text(TRAIN)
+    (tmp_path / "mlflowctl.yaml").write_text("model_name: m\n")
+    return tmp_path
+
+
+def make(root: Path, overrides: dict | None = None, plugins: tuple = ()) -> Pipeline:
+    return Pipeline(Project(root, overrides or {}, extra_plugins=plugins), STAGES)
+
+
+def registered(p: Pipeline) -> int:
+    import json
+
+    for name in ("train_model", "train_concept"):
+        if not p.is_complete(p.stages[name]):
+            p.run(name)
+    if not p.is_complete(p.stages["register"]):
+        p.run("register")
+    return json.loads((p.current_result("register") / "version.json").read_text())["version"]
+
+
+class PublishFirst:
+    """A plugin that, while a stage runs, publishes another run's result under the same key."""
+
+    __name__ = "publish_first"
+
+    def __init__(self, project_ref: list, stage: str, hook=None) -> None:
+        self.ref, self.stage, self.hook = project_ref, stage, hook
+
+    @mlflowctl.hookimpl
+    def mlflowctl_before_stage(self, stage, run):
+        if stage != self.stage:
+            return
+        if self.hook is not None:
+            self.hook(run)
+            return
+        store = self.ref[0].store
+        with store.staging("theirs") as src:
+            (src / "value.txt").write_text("theirs")
+            assert store.publish(src, f"results/{stage}/{run.key}", manifest={"stage": stage})
+
+
+def test_a_lost_publish_adopts_the_other_runs_result_and_says_so(root, capsys):
+    ref: list = []
+    p = make(root, plugins=(PublishFirst(ref, "produce"),))
+    ref.append(p.project)
+    p.run("produce")
+    result = p.current_result("produce")
+    assert (result / "value.txt").read_text() == "theirs"
+    assert not (result / "saved_model").exists()
+    err = capsys.readouterr().err
+    assert "stage produce: another run published result" in err and "using that one" in err
+    assert "another run published" in (root / ".mlflowctl" / "logs" / "produce.log").read_text()
+    assert not list((root / ".mlflowctl" / "store" / ".staging").iterdir())
+
+
+def test_rerun_after_a_kill_between_version_and_result_adopts_the_version(root):
+    p = make(root)
+    assert registered(p) == 1
+    # what a kill -9 after the version's publish but before the result's leaves behind
+    p.project.store.delete(p.resolve(p.stages["register"]).path)
+    p = make(root)
+    assert not p.is_complete(p.stages["register"])
+    assert registered(p) == 1
+    assert p.project.models.numbers() == [1]
+    assert "adopting it" in (root / ".mlflowctl" / "logs" / "register.log").read_text()
+    # different weights still make a new version
+    p = make(root, {"train_model.learning_rate": "0.5"})
+    assert registered(p) == 2
+    assert p.project.models.numbers() == [1, 2]
+
+
+def test_a_register_that_lost_the_race_removes_its_duplicate_version(root, monkeypatch):
+    """Two runs register the same model at once: one version stays, both runs name it."""
+    ref: list = []
+
+    def other_run(run):
+        assert registered(make(root)) == 1  # another doit registers version 1 and publishes its result first
+        # ... after our run looked for an identical version: it registers the same files again, as 2
+        monkeypatch.setattr(ref[0].models, "find_identical", lambda src: None)
+
+    p = make(root, plugins=(PublishFirst(ref, "register", hook=other_run),))
+    ref.append(p.project)
+    for name in ("train_model", "train_concept"):
+        p.run(name)
+    p.run("register")
+    assert p.project.models.numbers() == [1]
+    assert registered(make(root)) == 1
+
+
+def test_model_name_is_part_of_the_register_key(root):
+    p = make(root)
+    assert registered(p) == 1
+    p = make(root, {"model_name": "m2"})
+    assert not p.is_complete(p.stages["register"])
+    assert registered(p) == 1
+    assert p.project.models.base == "models/m2"
+    assert (root / ".mlflowctl" / "store" / "models" / "m2" / "1").is_dir()
+    # the train stages are not re-run for a new name
+    assert p.is_complete(p.stages["train_model"])
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "", ".", "..", "-a", "a..b", "x" * 64, "²", "a b"])
+def test_bad_model_names_are_refused_naming_the_key(tmp_path, name):
+    registry = build_plugin_manager(load_entry_points=False).registry
+    path = tmp_path / "mlflowctl.yaml"
+    path.write_text("")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {"model_name": name}, registry=registry)
+    assert str(info.value).startswith("mlflowctl.yaml: model_name: expected a name"), str(info.value)
+    assert info.value.exit_code == EXIT_CONFIG and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["mnist", "fmnist", "m", "My_model-2.v1"])
+def test_good_model_names_pass(tmp_path, name):
+    registry = build_plugin_manager(load_entry_points=False).registry
+    path = tmp_path / "mlflowctl.yaml"
+    path.write_text("")
+    assert load_config(path, {"model_name": name}, registry=registry)["model_name"] == name

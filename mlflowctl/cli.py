@@ -169,6 +169,8 @@ def cmd_serve(root: Path, overrides: dict[str, str], args: Any) -> int:
     project = _project(root, overrides)
     target = project.serving
     if args.action == "start":
+        for number in sorted(set(v for v in project.models.labels().values() if isinstance(v, int))):
+            project.models.servable(number)  # a damaged labelled version: one line, nothing started
         endpoint = target.start()
         if endpoint is not None:
             print(endpoint.predict_url)

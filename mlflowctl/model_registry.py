@@ -49,6 +49,16 @@ class ModelRegistry:
         meta = self.store.read_json(f"{path}/metadata.json", default={})
         return ModelVersion(self.name, number, path, meta)
 
+    def servable(self, number: int) -> ModelVersion:
+        """The version, after checking every file against its manifest (sizes and sha256): a damaged
+        version is reported and never served."""
+        version = self.get(number)
+        problem = self.store.damaged(version.path, deep=True)
+        if problem is not None:
+            raise MlflowctlError(f"model {self.name} version {number} is damaged ({problem}): not served",
+                                 hint="register it again (doit) or make another version stable (mlflowctl rollback)")
+        return version
+
     def versions(self) -> list[ModelVersion]:
         return [self.get(n) for n in self.numbers()]
 
@@ -85,7 +95,8 @@ class ModelRegistry:
                 manifest = self.store.read_json(f"{self.base}/{number}/{MANIFEST}", default={})
             except (OSError, ValueError):
                 continue  # a damaged version is never adopted
-            if isinstance(manifest, dict) and content_digest(manifest) == wanted:
+            if (isinstance(manifest, dict) and content_digest(manifest) == wanted
+                    and self.store.damaged(f"{self.base}/{number}", deep=True) is None):
                 return self.get(number)
         return None
 

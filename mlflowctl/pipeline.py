@@ -175,16 +175,30 @@ class Pipeline:
         key = None if missing else digest_json(components)[:KEY_LENGTH]
         return KeyInfo(stage.name, key, components, missing)
 
+    def intact(self, stage: Stage, info: KeyInfo, deep: bool = False) -> bool:
+        """Does the stage's published result match its manifest? A damaged one is reported and removed,
+        so it counts as missing and the stage computes it again."""
+        store = self.project.store
+        problem = store.damaged(info.path, deep=deep)
+        if problem is None:
+            return True
+        print(f"mlflowctl: stage {stage.name}: result {info.key} is damaged ({problem}); removing it so it is "
+              f"computed again", file=sys.stderr, flush=True)
+        store.delete(info.path)
+        self._digests.pop(stage.name, None)
+        return False
+
     def is_complete(self, stage: Stage) -> bool:
         info = self.resolve(stage)
-        if info.key is None or not self.project.store.exists(info.path):
+        if info.key is None or not self.project.store.exists(info.path) or not self.intact(stage, info):
             return False
         return stage.still_valid is None or bool(stage.still_valid(self.project, self.project.store.fetch(info.path)))
 
     def current_result(self, stage_name: str) -> Path:
         """A local directory with the stage's current result (raises if it has none)."""
         info = self.resolve(self.stages[stage_name])
-        if info.key is None or not self.project.store.exists(info.path):
+        if (info.key is None or not self.project.store.exists(info.path)
+                or not self.intact(self.stages[stage_name], info, deep=True)):
             raise MlflowctlError(f"stage {stage_name} has no current result", hint=f"doit {stage_name}")
         return self.project.store.fetch(info.path)
 
@@ -210,6 +224,8 @@ class Pipeline:
         if info.key is not None and self.project.store.exists(info.path):
             if self.is_complete(stage):
                 return True, []
+            if not self.project.store.exists(info.path):
+                return False, ["its result was damaged (removed; it is computed again)"]
             return False, ["its result no longer holds (e.g. the model server is not running)"]
         if info.missing_inputs:
             return False, [f"input {up} will change first" for up in info.missing_inputs]

@@ -77,6 +77,16 @@ class Store(Configurable):
         """
         raise NotImplementedError
 
+    def damaged(self, path: str, deep: bool = False) -> str | None:
+        """What is wrong with the published directory ``path`` against its ``_manifest.json``, or None.
+
+        Cheap by default (every file there with its size); ``deep`` also
+        checks every sha256. The default checks nothing: a store that
+        verifies what it downloads (``s3://``) or that cannot do it cheaply
+        keeps it.
+        """
+        return None
+
     # -- stages that run where the store is (pods) -----------------------
     # A backend whose stages cannot see the orchestrator's folders (``Backend.runs_in_store``, e.g.
     # ``k8s``) asks the store how a pod reaches a store path, and has the stage write into a staging

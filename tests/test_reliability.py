@@ -8,7 +8,7 @@ import pytest
 
 import mlflowctl
 from mlflowctl.config import load_config
-from mlflowctl.errors import EXIT_CONFIG, ConfigError
+from mlflowctl.errors import EXIT_CONFIG, ConfigError, MlflowctlError
 from mlflowctl.pipeline import Pipeline, Stage
 from mlflowctl.plugin_manager import build_plugin_manager
 from mlflowctl.project import Project
@@ -163,3 +163,60 @@ def test_good_model_names_pass(tmp_path, name):
     path = tmp_path / "mlflowctl.yaml"
     path.write_text("")
     assert load_config(path, {"model_name": name}, registry=registry)["model_name"] == name
+
+
+# -- damaged results and versions -------------------------------------------
+def store_dir(root: Path) -> Path:
+    return root / ".mlflowctl" / "store"
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[0] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_file_deleted_from_a_result_makes_it_missing_and_recomputed(root, capsys):
+    p = make(root)
+    p.run("produce")
+    result = p.current_result("produce")
+    (result / "saved_model" / "saved_model.pb").unlink()
+    p = make(root)
+    assert not p.is_complete(p.stages["produce"])
+    assert "is damaged (saved_model/saved_model.pb is missing)" in capsys.readouterr().err
+    p.run("produce")
+    assert (p.current_result("produce") / "saved_model" / "saved_model.pb").read_text().startswith("weights")
+    assert make(root).is_complete(p.stages["produce"])
+
+
+def test_flipped_bytes_are_caught_when_the_result_is_used(root, capsys):
+    p = make(root)
+    p.run("produce")
+    flip_a_byte(p.current_result("produce") / "saved_model" / "saved_model.pb")
+    p = make(root)
+    assert p.is_complete(p.stages["produce"])  # sizes match: the cheap check passes
+    with pytest.raises(MlflowctlError, match="stage produce has no current result"):
+        p.current_result("produce")
+    assert "does not match its sha256" in capsys.readouterr().err
+    assert not p.is_complete(p.stages["produce"])  # removed: the next run computes it again
+    p.run("produce")
+    assert p.current_result("produce").is_dir()
+
+
+def test_a_damaged_model_version_is_reported_and_not_served(root, capsys):
+    from mlflowctl.cli import main
+
+    p = make(root)
+    assert registered(p) == 1
+    p.project.models.set_label("stable", 1)
+    flip_a_byte(store_dir(root) / "models" / "m" / "1" / "saved_model.pb")
+    with pytest.raises(MlflowctlError, match="model m version 1 is damaged .*sha256.*: not served"):
+        p.project.models.servable(1)
+    capsys.readouterr()
+    assert main(["--project", str(root), "serve", "start"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mlflowctl: model m version 1 is damaged") and "\n" not in err
+    assert not (root / ".mlflowctl" / "serving").exists() or not any((root / ".mlflowctl" / "serving").glob("*.pid"))
+    # a damaged version is never adopted by a re-registration either
+    p.project.store.delete(p.resolve(p.stages["register"]).path)
+    assert registered(make(root)) == 2

@@ -151,8 +151,11 @@ class Pipeline:
         info = self.resolve(self.stages[stage_name])
         digest = None
         if info.key is not None:
-            manifest = self.project.store.read_json(f"{info.path}/{MANIFEST}")
-            digest = manifest.get("digest") if manifest else None
+            try:
+                manifest = self.project.store.read_json(f"{info.path}/{MANIFEST}")
+            except MlflowctlError:  # damaged: the stage's own check removes it and it is computed again
+                manifest = None
+            digest = manifest.get("digest") if isinstance(manifest, dict) else None
         if digest is not None:  # a missing result may appear any moment; a present one stays
             self._digests[stage_name] = digest
         return digest
@@ -447,7 +450,6 @@ def _tail(path: Path, lines: int = 3) -> str:
 # -- cancellation: Ctrl-C reaches every live run, whichever thread runs it ----
 _LIVE: dict[int, StageRun] = {}
 _LIVE_LOCK = threading.Lock()
-_PREVIOUS_HANDLER: Any = None
 _INTERRUPTED = False
 
 
@@ -465,7 +467,7 @@ class _live:
 
 
 def _on_sigint(signum: int, frame: Any) -> None:
-    """First Ctrl-C: cancel every live run and let their stages fail cleanly; second: interrupt."""
+    """First Ctrl-C (or SIGTERM): cancel every live run and let their stages fail cleanly; second: interrupt."""
     global _INTERRUPTED
     with _LIVE_LOCK:
         live = [run for run in _LIVE.values() if not run.cancelled.is_set()]
@@ -473,25 +475,28 @@ def _on_sigint(signum: int, frame: Any) -> None:
             run.cancelled.set()
     if live and not _INTERRUPTED:
         _INTERRUPTED = True
-        print(f"\nmlflowctl: cancelling {', '.join(r.stage for r in live)} (Ctrl-C again to stop at once)",
+        what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\nmlflowctl: {what}: cancelling {', '.join(r.stage for r in live)} (Ctrl-C again to stop at once)",
               file=sys.stderr, flush=True)
         return
-    handler = _PREVIOUS_HANDLER
+    handler = _PREVIOUS_HANDLERS.get(signum)
     if callable(handler):
         handler(signum, frame)
     else:
         raise KeyboardInterrupt
 
 
+_PREVIOUS_HANDLERS: dict[int, Any] = {}
+
+
 def install_interrupt_handler() -> None:
-    """Make Ctrl-C cancel every live stage run (their backends stop and clean up)."""
-    global _PREVIOUS_HANDLER
+    """Make Ctrl-C and SIGTERM (timeout, CI cancel, service managers) cancel every live stage run
+    (their backends stop and clean up; nothing is published)."""
     if threading.current_thread() is not threading.main_thread():
         return
-    current = signal.getsignal(signal.SIGINT)
-    if current is _on_sigint:
-        return
-    _PREVIOUS_HANDLER = current
-    signal.signal(signal.SIGINT, _on_sigint)
-
-
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        current = signal.getsignal(signum)
+        if current is _on_sigint:
+            continue
+        _PREVIOUS_HANDLERS[signum] = current
+        signal.signal(signum, _on_sigint)

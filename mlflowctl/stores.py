@@ -87,6 +87,14 @@ class Store(Configurable):
         """
         return None
 
+    def sweep(self) -> list[str]:
+        """Remove the staging folders of runs on this machine that were killed; returns their names.
+
+        Called once per ``doit`` run, under the project's run lock, before a
+        stage runs. The default has nothing to sweep.
+        """
+        return []
+
     # -- stages that run where the store is (pods) -----------------------
     # A backend whose stages cannot see the orchestrator's folders (``Backend.runs_in_store``, e.g.
     # ``k8s``) asks the store how a pod reaches a store path, and has the stage write into a staging
@@ -127,7 +135,7 @@ class Store(Configurable):
         if not self.exists(path):
             return default
         with self.open(path, "r") as fh:
-            return json.load(fh)
+            return loads_json(fh.read(), self, path)
 
     def write_json(self, path: str, data: Any) -> None:
         import json
@@ -135,6 +143,21 @@ class Store(Configurable):
         with self.open(path, "w") as fh:
             json.dump(data, fh, indent=2, sort_keys=True)
             fh.write("\n")
+
+
+def loads_json(data: str | bytes, store: Any, path: str) -> Any:
+    """Parse a JSON file read from ``store``: a truncated or garbled one is one line naming it, not a traceback."""
+    import json
+
+    from mlflowctl.errors import MlflowctlError
+
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        raise MlflowctlError(f"store {store.url}: {path} is damaged (not valid JSON: {exc.msg} at byte {exc.pos})"
+                             if isinstance(exc, json.JSONDecodeError) else
+                             f"store {store.url}: {path} is damaged (not valid JSON)",
+                             hint="restore it from a backup, or delete it if it can be rebuilt") from None
 
 
 class ReplacingWriter:
@@ -188,9 +211,39 @@ def staging_dir(base: Path, label: str = "out") -> Iterator[Path]:
     import tempfile
 
     base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=base))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{label}-{_owner()}-", dir=base))
     tmp.chmod(0o755)
     try:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _owner() -> str:
+    """``p<pid>@<host>``: who made a staging folder, so a later run can tell a killed run's leftovers."""
+    import os
+    import socket
+
+    return f"p{os.getpid()}@{socket.gethostname()}"
+
+
+def sweep_staging(base: Path) -> list[str]:
+    """Remove the folders under ``base`` that :func:`staging_dir` made for processes of this host that are gone."""
+    import re
+    import shutil
+    import socket
+
+    from mlflowctl.state import pid_alive
+
+    removed = []
+    host = socket.gethostname()
+    try:
+        entries = list(base.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = re.search(r"-p(\d+)@(.+)-[^-]*$", entry.name)
+        if m and m.group(2) == host and entry.is_dir() and not pid_alive(int(m.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+    return removed

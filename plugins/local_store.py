@@ -11,7 +11,7 @@ from typing import IO, Any
 
 from mlflowctl import hookimpl
 from mlflowctl.errors import ConfigError, UnavailableError
-from mlflowctl.stores import MANIFEST, ReplacingWriter, Store, file_manifest, staging_dir
+from mlflowctl.stores import MANIFEST, ReplacingWriter, Store, file_manifest, staging_dir, sweep_staging
 
 STAGING = ".staging"
 
@@ -113,6 +113,9 @@ class LocalStore(Store):
         if not target.is_dir():
             raise FileNotFoundError(f"{self.url}: {path} is not a published folder")
         return target
+
+    def sweep(self) -> list[str]:
+        return sweep_staging(self.root / STAGING)
 
     def damaged(self, path: str, deep: bool = False) -> str | None:
         return damaged_folder(self._path(path), deep)

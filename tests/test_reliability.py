@@ -220,3 +220,101 @@ def test_a_damaged_model_version_is_reported_and_not_served(root, capsys):
     # a damaged version is never adopted by a re-registration either
     p.project.store.delete(p.resolve(p.stages["register"]).path)
     assert registered(make(root)) == 2
+
+
+# -- doit runs: SIGTERM, the run lock, killed runs' leftovers, truncated state files --------------
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+from conftest import doit_env, make_project  # noqa: E402
+from test_doit_cli import DOIT, _alive, slow_stage_code  # noqa: E402
+
+
+def start_slow_data(tmp_path: Path, root: Path, env_extra: dict | None = None):
+    pid_file = tmp_path / "child.pid"
+    env = {**doit_env(), "PID_FILE": str(pid_file), **(env_extra or {})}
+    proc = subprocess.Popen([DOIT, "data"], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.monotonic() + 60
+    while not pid_file.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.1)
+    return proc, int(pid_file.read_text())
+
+
+def stop(proc) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_sigterm_to_doit_stops_the_stage_and_publishes_nothing(tmp_path):
+    root = make_project(tmp_path / "proj", stage_code=slow_stage_code(tmp_path))
+    proc, child = start_slow_data(tmp_path, root)
+    try:
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=30)
+    finally:
+        stop(proc)
+    assert proc.returncode == 1, output
+    assert "Traceback" not in output and "SIGTERM: cancelling data" in output, output
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(child), "the stage's child process survived SIGTERM"
+    assert not (root / ".mlflowctl" / "store" / "results" / "data").exists()
+    assert list((root / ".mlflowctl" / "store" / ".staging").iterdir()) == []
+
+
+def test_a_second_doit_waits_a_bounded_time_then_fails_with_one_line(tmp_path):
+    root = make_project(tmp_path / "proj", stage_code=slow_stage_code(tmp_path))
+    first, _ = start_slow_data(tmp_path, root)
+    try:
+        env = {**doit_env(), "PID_FILE": str(tmp_path / "second.pid"), "MLFLOWCTL_LOCK_TIMEOUT": "1"}
+        second = subprocess.run([DOIT, "data"], cwd=root, env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        stop(first)
+    assert second.returncode == 5, second.stdout + second.stderr
+    assert not (tmp_path / "second.pid").exists()  # its stage never started
+    lines = [line for line in second.stderr.splitlines() if line.strip()]
+    assert lines[0] == f"mlflowctl: waiting for another doit run (pid {first.pid}) on this project (up to 1s)"
+    assert lines[1].startswith(f"mlflowctl: another doit run (pid {first.pid}) is running stages of this project")
+    assert len(lines) == 2 and "Traceback" not in second.stdout + second.stderr
+
+
+def test_a_killed_runs_staging_is_swept_and_truncated_doit_json_is_one_line(tmp_path):
+    root = make_project(tmp_path / "proj", stage_code=slow_stage_code(tmp_path))
+    proc, _ = start_slow_data(tmp_path, root)
+    time.sleep(0.5)
+    staging = root / ".mlflowctl" / "store" / ".staging"
+    left = [p.name for p in staging.iterdir()]
+    proc.kill()  # kill -9: nothing cleans up
+    proc.wait()
+    assert left and [p.name for p in staging.iterdir()] == left
+    doit_json = root / ".mlflowctl" / "doit.json"
+    doit_json.write_text('{"data": {"_values_:": {')
+    (root / "image" / "download.py").write_text("import sys; sys.exit(3)\n")
+    out = subprocess.run([DOIT, "data"], cwd=root, env=doit_env(), capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in out.stdout + out.stderr, out.stdout + out.stderr
+    assert "doit.json was damaged (not valid JSON): moved to doit.json.damaged" in out.stderr
+    assert f"mlflowctl: removed {left[0]}, left in the store's staging by a run that was killed" in out.stderr
+    assert [p.name for p in staging.iterdir()] == []
+
+
+@pytest.mark.parametrize("name", ["labels.json", "status/1.json", "1/metadata.json"])
+def test_truncated_registry_files_are_one_line(root, capsys, name):
+    from mlflowctl.cli import main
+
+    p = make(root)
+    assert registered(p) == 1
+    p.project.models.set_label("stable", 1)
+    p.project.models.set_verdict(1, "promoted", "test")
+    target = store_dir(root) / "models" / "m" / name
+    target.write_text(target.read_text()[:7])
+    capsys.readouterr()
+    assert main(["--project", str(root), "models"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"mlflowctl: store file://.mlflowctl/store: models/m/{name} is damaged (not valid JSON")
+    assert "\n" not in err

@@ -318,3 +318,107 @@ def test_truncated_registry_files_are_one_line(root, capsys, name):
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"mlflowctl: store file://.mlflowctl/store: models/m/{name} is damaged (not valid JSON")
     assert "\n" not in err
+
+
+# -- configuration and input ---------------------------------------------------
+class _SecretPlugin:
+    name = "fake"
+    description = "a backend with a secret"
+
+
+def _registry_with_secret(choices=()):
+    from mlflowctl.config import Setting
+
+    class Fake(_SecretPlugin):
+        settings = {"token": Setting(str, "", "api token", secret=True, choices=choices),
+                    "retries": Setting(int, 1, "retries", secret=True)}
+
+    class Reg:
+        backends = {"fake": Fake}
+        stores: dict = {}
+        serving_targets: dict = {}
+
+    return Reg
+
+
+def load_text(tmp_path: Path, text: str, registry=None, overrides=None):
+    path = tmp_path / "mlflowctl.yaml"
+    path.write_text(text)
+    return load_config(path, overrides or {}, registry=registry or build_plugin_manager(load_entry_points=False).registry)
+
+
+@pytest.mark.parametrize("yaml_text", [
+    'backend: fake\nbackends:\n  fake:\n    retries: {"$env": MY_TOKEN}\n',
+    'backend: fake\nbackends:\n  fake:\n    token: {"$env": MY_TOKEN}\n',
+])
+def test_a_secret_is_never_echoed_in_an_error(tmp_path, monkeypatch, yaml_text):
+    monkeypatch.setenv("MY_TOKEN", "s3cr3t-value")
+    with pytest.raises(ConfigError) as info:
+        load_text(tmp_path, yaml_text, _registry_with_secret(choices=("a", "b")))
+    assert "s3cr3t" not in str(info.value) and "a secret value" in str(info.value)
+
+
+@pytest.mark.parametrize("ref, message", [
+    ('{"$env": [A, B]}', 'backends.fake.token: {"$env": ...} takes a non-empty string (a variable name), got list'),
+    ('{"$file": {a: 1}}', 'backends.fake.token: {"$file": ...} takes a non-empty string (a path), got dict'),
+    ('{"$file": /dev/zero}', "backends.fake.token: secret file /dev/zero is larger than 64 KiB"),
+    ('{"$env": A, "$file": b}', 'backends.fake.token: a secret is a string, {"$env": "VAR"} or {"$file": "path"}, '
+                                "got a mapping with keys $env, $file"),
+])
+def test_bad_secret_references_are_one_line(tmp_path, ref, message):
+    with pytest.raises(ConfigError) as info:
+        load_text(tmp_path, f"backend: fake\nbackends:\n  fake:\n    token: {ref}\n", _registry_with_secret())
+    assert str(info.value) == f"mlflowctl.yaml: {message}"
+
+
+def test_secrets_of_plugins_not_selected_are_not_resolved(tmp_path, monkeypatch):
+    monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
+    text = 'backends:\n  fake:\n    token: {"$env": NOT_SET_ANYWHERE}\n'
+    cfg = load_text(tmp_path, text, _registry_with_secret())  # backend: local
+    assert cfg["backend"] == "local"
+    with pytest.raises(ConfigError, match="environment variable NOT_SET_ANYWHERE is not set"):
+        load_text(tmp_path, "backend: fake\n" + text, _registry_with_secret())
+
+
+def test_yaml_alias_bombs_are_refused_with_a_short_error(tmp_path):
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 9):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]")
+    lines.append("train_model: {seed: *a8}")
+    with pytest.raises(ConfigError) as info:
+        load_text(tmp_path, "\n".join(lines) + "\n")
+    assert str(info.value).startswith("mlflowctl.yaml: expands to more than 100000 values")
+    assert len(str(info.value)) < 300
+    assert not (tmp_path / ".mlflowctl" / "config.cache.json").exists()
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("train_model.epochs", "-1", "expected a number between 1 and 100000, got -1"),
+    ("train_model.learning_rate", "nan", "expected a finite number, got nan"),
+    ("train_model.learning_rate", "1e26", "expected a number between 1e-12 and 10, got 1e+26"),
+    ("train_concept.threshold_quantile", "1.5", "expected a number between 0 and 1, got 1.5"),
+    ("serving.local.port", "99999", "expected a number between 1 and 65535, got 99999"),
+    ("serving.local.port", "0", "expected a number between 1 and 65535, got 0"),
+    ("serving.local.canary_weight", "-0.1", "expected a number between 0 and 1, got -0.1"),
+    ("monitor.max_drift_rate", "2", "expected a number between 0 and 1, got 2.0"),
+])
+def test_ranges_are_checked_at_load_naming_the_key(tmp_path, key, value, expected):
+    with pytest.raises(ConfigError) as info:
+        load_text(tmp_path, "", overrides={key: value})
+    assert str(info.value) == f"mlflowctl.yaml: {key}: {expected}"
+    assert info.value.exit_code == EXIT_CONFIG
+
+
+def test_cli_bad_input_exits_3_and_a_closed_pipe_is_not_an_error(root):
+    from conftest import VENV_BIN
+
+    mlflowctl_bin = str(VENV_BIN / "mlflowctl")
+    bad = subprocess.run([mlflowctl_bin, "serve", "reboot"], cwd=root, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 3 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("mlflowctl: argument action: invalid choice: 'reboot'")
+    project = make_project(root / "proj")
+    proc = subprocess.Popen(f"{mlflowctl_bin} status | head -c 1", shell=True, cwd=project, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, executable="/bin/bash")
+    out, err = proc.communicate(timeout=60)
+    assert "BrokenPipeError" not in err and "Traceback" not in err, err
+    assert len(out) == 1

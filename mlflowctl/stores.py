@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import IO, Any, ClassVar, Iterator
 
 from mlflowctl.config import Configurable
+from mlflowctl.errors import MlflowctlError
 from mlflowctl.manifest import MANIFEST, file_manifest, manifest_files  # noqa: F401 - part of the store contract
 
 
@@ -145,19 +146,27 @@ class Store(Configurable):
             fh.write("\n")
 
 
+class DamagedFile(MlflowctlError, ValueError):
+    """A store file that is not what it should be (truncated JSON): one line naming it.
+
+    Also a ``ValueError``, so readers that show a damaged file in place (``mlflowctl ui``) keep doing so.
+    """
+
+    def __init__(self, message: str, cause: ValueError | None = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.cause = cause
+
+
 def loads_json(data: str | bytes, store: Any, path: str) -> Any:
     """Parse a JSON file read from ``store``: a truncated or garbled one is one line naming it, not a traceback."""
     import json
 
-    from mlflowctl.errors import MlflowctlError
-
     try:
         return json.loads(data)
     except ValueError as exc:
-        raise MlflowctlError(f"store {store.url}: {path} is damaged (not valid JSON: {exc.msg} at byte {exc.pos})"
-                             if isinstance(exc, json.JSONDecodeError) else
-                             f"store {store.url}: {path} is damaged (not valid JSON)",
-                             hint="restore it from a backup, or delete it if it can be rebuilt") from None
+        detail = f": {exc.msg} at byte {exc.pos}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise DamagedFile(f"store {store.url}: {path} is damaged (not valid JSON{detail})", exc,
+                          hint="restore it from a backup, or delete it if it can be rebuilt") from exc
 
 
 class ReplacingWriter:

@@ -6,11 +6,12 @@ Imports stay lazy so ``mlflowctl --help`` starts at once.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from mlflowctl.errors import EXIT_OK, MlflowctlError
+from mlflowctl.errors import EXIT_CONFIG, EXIT_OK, MlflowctlError
 
 EXIT_CODES = """\
 exit codes: 0 ok, 1 a stage failed, 2 a stage could not run, 3 bad config or input,
@@ -18,7 +19,7 @@ exit codes: 0 ok, 1 a stage failed, 2 a stage could not run, 3 bad config or inp
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mlflowctl", description="Inspect the pipeline run by `doit`: plugins, stages, model versions, serving.",
         epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-C", "--project", default=".", help="project folder (holding mlflowctl.yaml and dodo.py)")
@@ -52,7 +53,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad command-line input is a usage line plus one error line, with the config exit code (3)."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"mlflowctl: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG)
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+        return code
+    except BrokenPipeError:  # ``mlflowctl status | head``: the reader left; that is not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.version:
         from mlflowctl import __version__
@@ -169,6 +190,8 @@ def cmd_serve(root: Path, overrides: dict[str, str], args: Any) -> int:
     project = _project(root, overrides)
     target = project.serving
     if args.action == "start":
+        for number in sorted(set(v for v in project.models.labels().values() if isinstance(v, int))):
+            project.models.servable(number)  # a damaged labelled version: one line, nothing started
         endpoint = target.start()
         if endpoint is not None:
             print(endpoint.predict_url)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,31 +49,49 @@ class Setting:
     secret: bool = False
     env: str = ""  # the environment variable a stage sees this as (stage settings only)
     check: Any = None  # check(value) -> None if valid, else what was expected (e.g. a Kubernetes quantity)
+    min: float | None = None  # numbers: the smallest allowed value (inclusive)
+    max: float | None = None  # numbers: the largest allowed value (inclusive)
 
-    def coerce(self, value: Any, where: str) -> Any:
-        """Check (and for strings from the command line, convert) ``value``."""
+    def coerce(self, value: Any, where: str, resolve: bool = True) -> Any:
+        """Check (and for strings from the command line, convert) ``value``.
+
+        Errors never show the value of a ``secret`` setting. With
+        ``resolve=False`` (a plugin that is not selected) a secret reference
+        is checked but not resolved.
+        """
         t = self.type
         if self.secret and isinstance(value, Mapping):
+            if not resolve:
+                check_secret_reference(value, where)
+                return dict(value)
             value = resolve_secret(value, where)
+        shown = (lambda v: "a secret value") if self.secret else repr
         if isinstance(value, str) and t is not str:
-            value = _parse_string(value, t, where)
+            value = _parse_string(value, t, where, shown)
         if t is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if t is list and isinstance(value, tuple):
             value = list(value)
         if not isinstance(value, t) or (t is int and isinstance(value, bool)):
-            raise ConfigError(f"{where}: expected {_TYPE_NAMES.get(t, t.__name__)}, got {value!r}")
+            raise ConfigError(f"{where}: expected {_TYPE_NAMES.get(t, t.__name__)}, got {shown(value)}")
+        if t is float and not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {shown(value)}")
+        if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
+            low = "" if self.min is None else f"{self.min:g}"
+            high = "" if self.max is None else f"{self.max:g}"
+            bound = f"between {low} and {high}" if low and high else (f"at least {low}" if low else f"at most {high}")
+            raise ConfigError(f"{where}: expected a number {bound}, got {shown(value)}")
         if self.choices and value not in self.choices:
-            raise ConfigError(f"{where}: expected one of {', '.join(map(str, self.choices))}, got {value!r}")
+            raise ConfigError(f"{where}: expected one of {', '.join(map(str, self.choices))}, got {shown(value)}")
         if self.check is not None:
             for item in (value if isinstance(value, list) else [value]):
                 problem = self.check(item)
                 if problem:
-                    raise ConfigError(f"{where}: {problem}, got {item!r}")
+                    raise ConfigError(f"{where}: {problem}, got {shown(item)}")
         return value
 
 
-def _parse_string(text: str, t: type, where: str) -> Any:
+def _parse_string(text: str, t: type, where: str, shown: Any = repr) -> Any:
     try:
         if t is bool:
             low = text.strip().lower()
@@ -92,22 +111,56 @@ def _parse_string(text: str, t: type, where: str) -> Any:
                 return [item.strip() for item in text.split(",") if item.strip()]
     except ValueError:
         pass
-    raise ConfigError(f"{where}: expected {_TYPE_NAMES.get(t, t.__name__)}, got {text!r}")
+    raise ConfigError(f"{where}: expected {_TYPE_NAMES.get(t, t.__name__)}, got {shown(text)}")
+
+
+SECRET_FILE_LIMIT = 64 * 1024
+
+
+def check_secret_reference(value: Mapping[str, Any], where: str) -> None:
+    """``{"$env": "VAR"}`` or ``{"$file": "path"}`` with a string, else one line saying so."""
+    if len(value) == 1 and set(value) <= {"$env", "$file"}:
+        (kind, target), = value.items()
+        if isinstance(target, str) and target:
+            return
+        raise ConfigError(f'{where}: {{"{kind}": ...}} takes a non-empty string ({"a variable name" if kind == "$env" else "a path"}), '
+                          f"got {type(target).__name__}")
+    raise ConfigError(f'{where}: a secret is a string, {{"$env": "VAR"}} or {{"$file": "path"}}, '
+                      f"got a mapping with keys {', '.join(sorted(map(str, value)))}")
 
 
 def resolve_secret(value: Mapping[str, Any], where: str) -> str:
-    """Resolve ``{"$env": VAR}`` / ``{"$file": path}`` at read time."""
-    if set(value) == {"$env"}:
+    """Resolve ``{"$env": VAR}`` / ``{"$file": path}`` at read time (a file: at most 64 KiB)."""
+    check_secret_reference(value, where)
+    if "$env" in value:
         var = value["$env"]
         if var not in os.environ:
             raise ConfigError(f"{where}: environment variable {var} is not set", hint=f"export {var}=...")
         return os.environ[var]
-    if set(value) == {"$file"}:
-        try:
-            return Path(os.path.expanduser(value["$file"])).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"{where}: cannot read secret file {value['$file']}: {exc.strerror}") from None
-    raise ConfigError(f'{where}: a secret is a string, {{"$env": "VAR"}} or {{"$file": "path"}}, got {dict(value)!r}')
+    name = value["$file"]
+    try:
+        with open(os.path.expanduser(name), "rb") as fh:
+            data = fh.read(SECRET_FILE_LIMIT + 1)
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read secret file {name}: {exc.strerror}") from None
+    if len(data) > SECRET_FILE_LIMIT:
+        raise ConfigError(f"{where}: secret file {name} is larger than {SECRET_FILE_LIMIT // 1024} KiB")
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: secret file {name} is not UTF-8 text") from None
+
+
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def check_model_name(value: Any) -> str | None:
+    """A model name is one path segment a URL, a folder and a Kubernetes label can all hold."""
+    if (not isinstance(value, str) or not 1 <= len(value) <= 63 or not set(value) <= _NAME_CHARS
+            or not value[0].isalnum() or not value[-1].isalnum() or ".." in value):
+        return ("expected a name of 1-63 letters, digits, '.', '_' or '-', starting and ending with a letter "
+                "or digit (e.g. mnist)")
+    return None
 
 
 class Configurable:
@@ -135,47 +188,52 @@ PLUGIN_SECTIONS = {"backends": "backends", "stores": "stores", "serving": "servi
 
 
 def _stage(**settings: Setting) -> dict[str, Setting]:
-    return {name: (s if s.env else Setting(s.type, s.default, s.help, s.choices, s.secret, name.upper(), s.check))
-            for name, s in settings.items()}
+    import dataclasses
+
+    return {name: (s if s.env else dataclasses.replace(s, env=name.upper())) for name, s in settings.items()}
 
 
 SCHEMA: dict[str, Any] = {
     "project": Setting(str, "mnist", "project name: names images, jobs and the state folder's content"),
-    "model_name": Setting(str, "mnist", "name of the model in the registry (models/<name>/<N>/)"),
+    "model_name": Setting(str, "mnist", "name of the model in the registry (models/<name>/<N>/)",
+                          check=check_model_name),
     "backend": Setting(str, "local", "where stages run: local, docker, k8s, or a plugin's backend"),
     "store": Setting(str, "file://.mlflowctl/store", "artifact store URL: file://path, s3://bucket/prefix, pvc://claim/path"),
     "data": _stage(
         dataset=Setting(str, "fashion-mnist", "dataset to fetch", choices=("fashion-mnist", "mnist")),
         sources=Setting(list, [], "ordered base URLs/paths tried for the IDX files (empty: the dataset's defaults)",
                         env="DATA_SOURCES"),
-        download_timeout=Setting(float, 30.0, "seconds per download attempt"),
+        download_timeout=Setting(float, 30.0, "seconds per download attempt", min=0.001, max=86400),
     ),
     "train_model": _stage(
-        learning_rate=Setting(float, 0.001, "Adam learning rate"),
-        epochs=Setting(int, 5, "training epochs"),
-        steps=Setting(int, 0, "steps per epoch (0: the whole training set)"),
-        batch_size=Setting(int, 128, "batch size"),
-        seed=Setting(int, 42, "random seed"),
+        learning_rate=Setting(float, 0.001, "Adam learning rate", min=1e-12, max=10),
+        epochs=Setting(int, 5, "training epochs", min=1, max=100_000),
+        steps=Setting(int, 0, "steps per epoch (0: the whole training set)", min=0),
+        batch_size=Setting(int, 128, "batch size", min=1, max=1_000_000),
+        seed=Setting(int, 42, "random seed", min=0, max=2**32 - 1),
     ),
     "train_concept": _stage(
-        learning_rate=Setting(float, 0.001, "Adam learning rate of the autoencoder"),
-        epochs=Setting(int, 5, "training epochs"),
-        steps=Setting(int, 0, "steps per epoch (0: the whole training set)"),
-        batch_size=Setting(int, 128, "batch size"),
-        threshold_quantile=Setting(float, 0.99, "quantile of training reconstruction errors used as drift threshold"),
-        seed=Setting(int, 42, "random seed"),
+        learning_rate=Setting(float, 0.001, "Adam learning rate of the autoencoder", min=1e-12, max=10),
+        epochs=Setting(int, 5, "training epochs", min=1, max=100_000),
+        steps=Setting(int, 0, "steps per epoch (0: the whole training set)", min=0),
+        batch_size=Setting(int, 128, "batch size", min=1, max=1_000_000),
+        threshold_quantile=Setting(float, 0.99, "quantile of training reconstruction errors used as drift threshold",
+                                   min=0, max=1),
+        seed=Setting(int, 42, "random seed", min=0, max=2**32 - 1),
     ),
     "integration_test": _stage(
-        min_accuracy=Setting(float, 0.8, "accuracy floor on clean held-out images: below it the version is not promoted"),
-        samples=Setting(int, 1000, "held-out images sent to the endpoint"),
-        batch_size=Setting(int, 100, "images per request"),
-        noise=Setting(float, 0.5, "std-dev of the Gaussian noise added for the out-of-distribution part"),
-        timeout=Setting(float, 30.0, "seconds per request"),
+        min_accuracy=Setting(float, 0.8, "accuracy floor on clean held-out images: below it the version is not promoted",
+                             min=0, max=1),
+        samples=Setting(int, 1000, "held-out images sent to the endpoint", min=1),
+        batch_size=Setting(int, 100, "images per request", min=1),
+        noise=Setting(float, 0.5, "std-dev of the Gaussian noise added for the out-of-distribution part", min=0),
+        timeout=Setting(float, 30.0, "seconds per request", min=0.001, max=86400),
         transport=Setting(str, "rest", "how the test talks to the endpoint: rest (its predict_url) or grpc (TF Serving's "
                                        "gRPC PredictionService, e.g. serving.local.grpc_port)", choices=("rest", "grpc")),
     ),
     "monitor": _stage(
-        max_drift_rate=Setting(float, 0.5, "share of out-of-distribution requests above which monitor fails"),
+        max_drift_rate=Setting(float, 0.5, "share of out-of-distribution requests above which monitor fails",
+                               min=0, max=1),
     ),
     "backends": {},
     "stores": {},
@@ -208,7 +266,8 @@ def _suggest(key: str, known: list[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(known))}"
 
 
-def _validate_section(raw: Any, schema: dict[str, Any], where: str, fname: str) -> dict[str, Any]:
+def _validate_section(raw: Any, schema: dict[str, Any], where: str, fname: str,
+                      unselected: frozenset[str] = frozenset()) -> dict[str, Any]:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -222,13 +281,13 @@ def _validate_section(raw: Any, schema: dict[str, Any], where: str, fname: str) 
         path = f"{where}.{key}" if where else key
         if isinstance(spec, Setting):
             if key in raw and raw[key] is not None:
-                out[key] = spec.coerce(raw[key], f"{fname}: {path}")
+                out[key] = spec.coerce(raw[key], f"{fname}: {path}", resolve=where not in unselected)
             elif spec.default is REQUIRED:
                 raise ConfigError(f"{fname}: {path}: missing value ({spec.help})")
             else:
                 out[key] = list(spec.default) if isinstance(spec.default, list) else spec.default
         else:
-            out[key] = _validate_section(raw.get(key), spec, path, fname)
+            out[key] = _validate_section(raw.get(key), spec, path, fname, unselected)
     return out
 
 
@@ -316,7 +375,26 @@ def _parse_yaml(path: Path, text: str) -> dict[str, Any]:
         return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path.name}: expected a mapping at the top level")
+    _check_size(raw, path)
     return raw
+
+
+MAX_CONFIG_VALUES = 100_000
+
+
+def _check_size(raw: Any, path: Path) -> None:
+    """Refuse a config whose YAML aliases expand it beyond any real one (a "billion laughs")."""
+    budget, stack = MAX_CONFIG_VALUES, [raw]
+    while stack:
+        node = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise ConfigError(f"{path.name}: expands to more than {MAX_CONFIG_VALUES} values "
+                              f"(YAML aliases repeating a large block?)", hint="write the values out, without aliases")
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 def load_config(path: Path, overrides: Mapping[str, str] | None = None, registry: Any = None,
@@ -326,8 +404,26 @@ def load_config(path: Path, overrides: Mapping[str, str] | None = None, registry
     raw = read_yaml(path, cache)
     overrides = dict(overrides or {})
     apply_overrides(raw, overrides, schema)
-    data = _validate_section(raw, schema, "", path.name)
+    data = _validate_section(raw, schema, "", path.name, _unselected_plugins(raw, schema))
     return Config(data=data, path=path, overrides=overrides)
+
+
+def _unselected_plugins(raw: dict[str, Any], schema: dict[str, Any]) -> frozenset[str]:
+    """``backends.docker``, ``stores.s3``, ...: plugin sections whose secrets are not resolved (not used)."""
+    from urllib.parse import urlparse
+
+    def chosen(value: Any, default: str) -> str:
+        return value if isinstance(value, str) else default
+
+    serving = raw.get("serving") if isinstance(raw.get("serving"), dict) else {}
+    selected = {
+        "backends": chosen(raw.get("backend"), SCHEMA["backend"].default),
+        "stores": urlparse(chosen(raw.get("store"), SCHEMA["store"].default)).scheme,
+        "serving": chosen(serving.get("target"), SCHEMA["serving"]["target"].default),
+    }
+    return frozenset(f"{section}.{name}" for section in PLUGIN_SECTIONS
+                     for name in schema.get(section, {}) if isinstance(schema[section][name], dict)
+                     and name != selected[section])
 
 
 def stage_env(section: str, values: dict[str, Any]) -> dict[str, str]:

@@ -7,6 +7,7 @@ Every doit ``key=value`` variable is a config override
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -51,8 +52,32 @@ def load(root: str | Path, overrides: dict[str, str] | None = None) -> Any:
         print(f"mlflowctl: {exc}", file=sys.stderr)
         raise SystemExit(exc.exit_code) from None
     _pipeline = None
+    _check_doit_database(Path(doit_config(root)["dep_file"]))
     install_interrupt_handler()
     return _project
+
+
+def _check_doit_database(path: Path) -> None:
+    """A truncated ``doit.json`` (a run killed while doit saved it) would be a traceback in doit: set it aside.
+
+    It only records doit's own bookkeeping; what is up to date is decided by the store.
+    """
+    import json
+
+    try:
+        with open(path, "rb") as fh:
+            json.load(fh)
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError):
+        aside = path.with_name(path.name + ".damaged")
+        try:
+            os.replace(path, aside)
+        except OSError as exc:
+            print(f"mlflowctl: {path} is damaged and cannot be set aside: {exc.strerror}", file=sys.stderr)
+            raise SystemExit(2) from None
+        print(f"mlflowctl: {path} was damaged (not valid JSON): moved to {aside.name}; the store decides what is "
+              f"up to date", file=sys.stderr, flush=True)
 
 
 def use_project(project: Any) -> None:
@@ -105,8 +130,8 @@ class _Uptodate:
             p = pipeline()
             stage = p.stages[self.name]
             complete = p.is_complete(stage)
-            if not complete:
-                _preflight(p, stage)
+            if not complete and _preflight(p, stage):  # waited for another run: it may have made the result
+                complete = p.is_complete(stage)
             return complete
         except MlflowctlError as exc:
             print(f"mlflowctl: {exc}", file=sys.stderr)
@@ -116,13 +141,22 @@ class _Uptodate:
 _preflight_done: set[int] = set()
 
 
-def _preflight(p: Pipeline, stage: Stage) -> None:
-    """Check the store, and the backend if the stage runs on it, once per run."""
+def _preflight(p: Pipeline, stage: Stage) -> bool:
+    """Before the first stage of this run: take the project's run lock, check the store, sweep what killed
+    runs left in it; check the backend if the stage runs on it. True when the lock had to be waited for."""
+    from mlflowctl.state import run_lock
+
+    waited = run_lock(p.project.state_dir)
     checks = [p.project.store] + ([p.project.backend] if stage.command else [])
     for plugin in checks:
         if id(plugin) not in _preflight_done:
             plugin.preflight()
             _preflight_done.add(id(plugin))
+            if plugin is p.project.store:
+                for name in plugin.sweep():
+                    print(f"mlflowctl: removed {name}, left in the store's staging by a run that was killed",
+                          file=sys.stderr, flush=True)
+    return waited
 
 
 def _run(name: str) -> Any:

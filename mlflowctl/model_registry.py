@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflowctl.errors import MlflowctlError
-from mlflowctl.stores import Store
+from mlflowctl.stores import MANIFEST, Store
 
 MAX_ALLOCATION_TRIES = 1000
 
@@ -49,6 +49,16 @@ class ModelRegistry:
         meta = self.store.read_json(f"{path}/metadata.json", default={})
         return ModelVersion(self.name, number, path, meta)
 
+    def servable(self, number: int) -> ModelVersion:
+        """The version, after checking every file against its manifest (sizes and sha256): a damaged
+        version is reported and never served."""
+        version = self.get(number)
+        problem = self.store.damaged(version.path, deep=True)
+        if problem is not None:
+            raise MlflowctlError(f"model {self.name} version {number} is damaged ({problem}): not served",
+                                 hint="register it again (doit) or make another version stable (mlflowctl rollback)")
+        return version
+
     def versions(self) -> list[ModelVersion]:
         return [self.get(n) for n in self.numbers()]
 
@@ -69,6 +79,26 @@ class ModelRegistry:
                 return ModelVersion(self.name, number, f"{self.base}/{number}", meta)
             number += 1
         raise MlflowctlError(f"could not allocate a version number for model {self.name}")
+
+    def find_identical(self, src: Path) -> ModelVersion | None:
+        """The newest version whose files (all but ``metadata.json``) equal those of the local folder ``src``.
+
+        A registration killed after its version was published but before the
+        ``register`` result was leaves such a version: the re-run adopts it
+        instead of registering the same files as the next number.
+        """
+        from mlflowctl.manifest import file_manifest
+
+        wanted = content_digest(file_manifest(src))
+        for number in reversed(self.numbers()):
+            try:
+                manifest = self.store.read_json(f"{self.base}/{number}/{MANIFEST}", default={})
+            except (OSError, ValueError):
+                continue  # a damaged version is never adopted
+            if (isinstance(manifest, dict) and content_digest(manifest) == wanted
+                    and self.store.damaged(f"{self.base}/{number}", deep=True) is None):
+                return self.get(number)
+        return None
 
     # -- labels and verdicts -------------------------------------------
     def labels(self) -> dict[str, int]:
@@ -91,6 +121,18 @@ class ModelRegistry:
         history = self.verdict(number).get("history", [])
         entry = {"state": state, "reason": reason, "time": time.time(), **extra}
         self.store.write_json(f"{self.base}/status/{number}.json", {**entry, "history": history + [entry]})
+
+
+def content_digest(manifest: dict[str, Any]) -> str | None:
+    """Digest of a version's files apart from ``metadata.json`` (which names the number and the time)."""
+    import hashlib
+
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return None
+    items = sorted((name, entry.get("sha256")) for name, entry in files.items()
+                   if name != "metadata.json" and isinstance(entry, dict))
+    return hashlib.sha256(repr(items).encode()).hexdigest()
 
 
 def register_trained_model(project: Any, ctx: Any) -> None:
@@ -132,9 +174,39 @@ def register_trained_model(project: Any, ctx: Any) -> None:
             shutil.copytree(concept_dir / "saved_model", version_dir / "concept")
             if (concept_dir / "threshold.json").is_file():
                 shutil.copyfile(concept_dir / "threshold.json", version_dir / "concept" / "threshold.json")
-        version = project.models.register(version_dir, metadata)
+        version = project.models.find_identical(version_dir)
+        if version is not None:
+            ctx.log.line(f"version {version.number} already holds these files (a registration that was "
+                         f"interrupted before its result was recorded): adopting it")
+        else:
+            version = project.models.register(version_dir, metadata)
     accuracy = metadata["metrics"].get("accuracy")
     shown = f", test accuracy {accuracy:.4f}" if isinstance(accuracy, (int, float)) else ""
     ctx.log.line(f"registered {version.name} version {version.number}{shown}")
     (ctx.output / "version.json").write_text(json.dumps({"name": version.name, "version": version.number}) + "\n")
     project.pm.hook.mlflowctl_model_registered(version=version)
+
+
+def drop_superseded_version(project: Any, ours: Path | None, theirs: Path) -> None:
+    """``register`` lost a race: another run's result names a version; drop ours if it is a copy of it.
+
+    Only an unlabelled version with exactly the same files is removed, so
+    nothing that is served or tested disappears.
+    """
+    import json
+
+    def number(folder: Path | None) -> int | None:
+        try:
+            value = json.loads((folder / "version.json").read_text())["version"]  # type: ignore[operator]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return value if isinstance(value, int) else None
+
+    mine, kept = number(ours), number(theirs)
+    if mine is None or kept is None or mine == kept or mine in project.models.labels().values():
+        return
+    registry, store = project.models, project.store
+    a = store.read_json(f"{registry.base}/{mine}/{MANIFEST}", default={}) or {}
+    b = store.read_json(f"{registry.base}/{kept}/{MANIFEST}", default={}) or {}
+    if content_digest(a) is not None and content_digest(a) == content_digest(b):
+        store.delete(f"{registry.base}/{mine}")

@@ -8,6 +8,7 @@ there, so any backend and any machine sharing the store share the cache.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -47,6 +48,9 @@ class Stage:
     action: Callable[..., None] | None = None   # action(project, ctx: ActionContext)
     still_valid: Callable[..., bool] | None = None  # still_valid(project, result_dir): for results that
     #                                                 stand for outside state (a deployment), is it still so?
+    superseded: Callable[..., None] | None = None  # superseded(project, ours, theirs): another run published
+    #                                                the same key first; undo what only our output stands for
+    keys: tuple[str, ...] = ()                      # top-level config keys that are part of the key (model_name)
     doc: str = ""
 
     @property
@@ -132,12 +136,13 @@ class Pipeline:
 
     def params(self, stage: Stage) -> dict[str, Any]:
         section = stage.section
+        extra = {k: self.project.config[k] for k in stage.keys}
         if not section:
-            return {}
+            return extra
         values = self.project.config[section]
         if section == "serving":  # only the selected target's settings matter
             values = {"target": values["target"], values["target"]: values.get(values["target"], {})}
-        return public(values, full_schema(self.project.pm.registry)[section])
+        return {**public(values, full_schema(self.project.pm.registry)[section]), **extra}
 
     def result_digest(self, stage_name: str) -> str | None:
         """Digest of the stage's current complete result, or None if it has none yet."""
@@ -146,8 +151,11 @@ class Pipeline:
         info = self.resolve(self.stages[stage_name])
         digest = None
         if info.key is not None:
-            manifest = self.project.store.read_json(f"{info.path}/{MANIFEST}")
-            digest = manifest.get("digest") if manifest else None
+            try:
+                manifest = self.project.store.read_json(f"{info.path}/{MANIFEST}")
+            except MlflowctlError:  # damaged: the stage's own check removes it and it is computed again
+                manifest = None
+            digest = manifest.get("digest") if isinstance(manifest, dict) else None
         if digest is not None:  # a missing result may appear any moment; a present one stays
             self._digests[stage_name] = digest
         return digest
@@ -170,16 +178,30 @@ class Pipeline:
         key = None if missing else digest_json(components)[:KEY_LENGTH]
         return KeyInfo(stage.name, key, components, missing)
 
+    def intact(self, stage: Stage, info: KeyInfo, deep: bool = False) -> bool:
+        """Does the stage's published result match its manifest? A damaged one is reported and removed,
+        so it counts as missing and the stage computes it again."""
+        store = self.project.store
+        problem = store.damaged(info.path, deep=deep)
+        if problem is None:
+            return True
+        print(f"mlflowctl: stage {stage.name}: result {info.key} is damaged ({problem}); removing it so it is "
+              f"computed again", file=sys.stderr, flush=True)
+        store.delete(info.path)
+        self._digests.pop(stage.name, None)
+        return False
+
     def is_complete(self, stage: Stage) -> bool:
         info = self.resolve(stage)
-        if info.key is None or not self.project.store.exists(info.path):
+        if info.key is None or not self.project.store.exists(info.path) or not self.intact(stage, info):
             return False
         return stage.still_valid is None or bool(stage.still_valid(self.project, self.project.store.fetch(info.path)))
 
     def current_result(self, stage_name: str) -> Path:
         """A local directory with the stage's current result (raises if it has none)."""
         info = self.resolve(self.stages[stage_name])
-        if info.key is None or not self.project.store.exists(info.path):
+        if (info.key is None or not self.project.store.exists(info.path)
+                or not self.intact(self.stages[stage_name], info, deep=True)):
             raise MlflowctlError(f"stage {stage_name} has no current result", hint=f"doit {stage_name}")
         return self.project.store.fetch(info.path)
 
@@ -205,6 +227,8 @@ class Pipeline:
         if info.key is not None and self.project.store.exists(info.path):
             if self.is_complete(stage):
                 return True, []
+            if not self.project.store.exists(info.path):
+                return False, ["its result was damaged (removed; it is computed again)"]
             return False, ["its result no longer holds (e.g. the model server is not running)"]
         if info.missing_inputs:
             return False, [f"input {up} will change first" for up in info.missing_inputs]
@@ -277,13 +301,15 @@ class Pipeline:
                                 **{k: v for k, v in result.detail.items() if isinstance(v, (str, int, float, bool))}}}
             if in_store:
                 store.put(log_path, f"{out}/_logs/{stage.name}.log")
-                store.publish_staged(out, info.path, manifest=manifest)
+                published = store.publish_staged(out, info.path, manifest=manifest)
             else:
                 logs = out / "_logs"
                 logs.mkdir(exist_ok=True)
                 shutil.copyfile(log_path, logs / f"{stage.name}.log")
-                store.publish(out, info.path, manifest=manifest)
+                published = store.publish(out, info.path, manifest=manifest)
             self._digests.clear()
+            if not published:
+                self._adopt(stage, info, out, log_path)
         record = self.last_run_path(stage.name)
         record.parent.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps({"key": info.key, "components": info.components}, indent=2, sort_keys=True))
@@ -291,6 +317,17 @@ class Pipeline:
                                duration=round(result.duration, 3))
         hook.mlflowctl_after_stage(stage=stage.name, run=run, result=result)
         return result
+
+    def _adopt(self, stage: Stage, info: KeyInfo, ours: Any, log_path: Path) -> None:
+        """Another run published this key first: keep its result, say so, and undo what only ours stood for."""
+        note = (f"mlflowctl: stage {stage.name}: another run published result {info.key} first; "
+                f"using that one, this run's output is discarded")
+        print(note, file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError), open(log_path, "a") as fh:
+            fh.write(note + "\n")
+        if stage.superseded is not None:
+            local = ours if isinstance(ours, Path) else None
+            stage.superseded(self.project, local, self.project.store.fetch(info.path))
 
     def render(self, folder: Path) -> list[Path]:
         """Write what the backend would execute for each command stage into ``folder``, running nothing.
@@ -413,7 +450,6 @@ def _tail(path: Path, lines: int = 3) -> str:
 # -- cancellation: Ctrl-C reaches every live run, whichever thread runs it ----
 _LIVE: dict[int, StageRun] = {}
 _LIVE_LOCK = threading.Lock()
-_PREVIOUS_HANDLER: Any = None
 _INTERRUPTED = False
 
 
@@ -431,7 +467,7 @@ class _live:
 
 
 def _on_sigint(signum: int, frame: Any) -> None:
-    """First Ctrl-C: cancel every live run and let their stages fail cleanly; second: interrupt."""
+    """First Ctrl-C (or SIGTERM): cancel every live run and let their stages fail cleanly; second: interrupt."""
     global _INTERRUPTED
     with _LIVE_LOCK:
         live = [run for run in _LIVE.values() if not run.cancelled.is_set()]
@@ -439,25 +475,28 @@ def _on_sigint(signum: int, frame: Any) -> None:
             run.cancelled.set()
     if live and not _INTERRUPTED:
         _INTERRUPTED = True
-        print(f"\nmlflowctl: cancelling {', '.join(r.stage for r in live)} (Ctrl-C again to stop at once)",
+        what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\nmlflowctl: {what}: cancelling {', '.join(r.stage for r in live)} (Ctrl-C again to stop at once)",
               file=sys.stderr, flush=True)
         return
-    handler = _PREVIOUS_HANDLER
+    handler = _PREVIOUS_HANDLERS.get(signum)
     if callable(handler):
         handler(signum, frame)
     else:
         raise KeyboardInterrupt
 
 
+_PREVIOUS_HANDLERS: dict[int, Any] = {}
+
+
 def install_interrupt_handler() -> None:
-    """Make Ctrl-C cancel every live stage run (their backends stop and clean up)."""
-    global _PREVIOUS_HANDLER
+    """Make Ctrl-C and SIGTERM (timeout, CI cancel, service managers) cancel every live stage run
+    (their backends stop and clean up; nothing is published)."""
     if threading.current_thread() is not threading.main_thread():
         return
-    current = signal.getsignal(signal.SIGINT)
-    if current is _on_sigint:
-        return
-    _PREVIOUS_HANDLER = current
-    signal.signal(signal.SIGINT, _on_sigint)
-
-
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        current = signal.getsignal(signum)
+        if current is _on_sigint:
+            continue
+        _PREVIOUS_HANDLERS[signum] = current
+        signal.signal(signum, _on_sigint)

@@ -29,7 +29,7 @@ def _write(path: Path, data: dict[str, Any]) -> None:
 def deploy_version(project: Any, ctx: Any) -> None:
     """Stage action of ``deploy``: serve the newly registered version as ``canary`` beside ``stable``."""
     number = _read(ctx.inputs["VERSION_DIR"] / "version.json")["version"]
-    version = project.models.get(number)
+    version = project.models.servable(number)
     target = project.serving
     target.preflight()
     endpoint = target.deploy(version, label="canary", weight=0.0)
@@ -105,7 +105,7 @@ def rollback(project: Any) -> int:
         raise MlflowctlError(f"model {models.name}: no earlier promoted version to roll back to",
                              hint="mlflowctl models")
     _, number = max(candidates)
-    target.deploy(models.get(number), label="stable")
+    target.deploy(models.servable(number), label="stable")
     models.set_label("stable", number)
     if current is not None:
         models.set_verdict(current, "rolled-back", f"mlflowctl rollback restored version {number}")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import IO, Any, ClassVar, Iterator
 
 from mlflowctl.config import Configurable
+from mlflowctl.errors import MlflowctlError
 from mlflowctl.manifest import MANIFEST, file_manifest, manifest_files  # noqa: F401 - part of the store contract
 
 
@@ -77,6 +78,24 @@ class Store(Configurable):
         """
         raise NotImplementedError
 
+    def damaged(self, path: str, deep: bool = False) -> str | None:
+        """What is wrong with the published directory ``path`` against its ``_manifest.json``, or None.
+
+        Cheap by default (every file there with its size); ``deep`` also
+        checks every sha256. The default checks nothing: a store that
+        verifies what it downloads (``s3://``) or that cannot do it cheaply
+        keeps it.
+        """
+        return None
+
+    def sweep(self) -> list[str]:
+        """Remove the staging folders of runs on this machine that were killed; returns their names.
+
+        Called once per ``doit`` run, under the project's run lock, before a
+        stage runs. The default has nothing to sweep.
+        """
+        return []
+
     # -- stages that run where the store is (pods) -----------------------
     # A backend whose stages cannot see the orchestrator's folders (``Backend.runs_in_store``, e.g.
     # ``k8s``) asks the store how a pod reaches a store path, and has the stage write into a staging
@@ -117,7 +136,7 @@ class Store(Configurable):
         if not self.exists(path):
             return default
         with self.open(path, "r") as fh:
-            return json.load(fh)
+            return loads_json(fh.read(), self, path)
 
     def write_json(self, path: str, data: Any) -> None:
         import json
@@ -125,6 +144,29 @@ class Store(Configurable):
         with self.open(path, "w") as fh:
             json.dump(data, fh, indent=2, sort_keys=True)
             fh.write("\n")
+
+
+class DamagedFile(MlflowctlError, ValueError):
+    """A store file that is not what it should be (truncated JSON): one line naming it.
+
+    Also a ``ValueError``, so readers that show a damaged file in place (``mlflowctl ui``) keep doing so.
+    """
+
+    def __init__(self, message: str, cause: ValueError | None = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.cause = cause
+
+
+def loads_json(data: str | bytes, store: Any, path: str) -> Any:
+    """Parse a JSON file read from ``store``: a truncated or garbled one is one line naming it, not a traceback."""
+    import json
+
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        detail = f": {exc.msg} at byte {exc.pos}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise DamagedFile(f"store {store.url}: {path} is damaged (not valid JSON{detail})", exc,
+                          hint="restore it from a backup, or delete it if it can be rebuilt") from exc
 
 
 class ReplacingWriter:
@@ -178,9 +220,39 @@ def staging_dir(base: Path, label: str = "out") -> Iterator[Path]:
     import tempfile
 
     base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=base))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{label}-{_owner()}-", dir=base))
     tmp.chmod(0o755)
     try:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _owner() -> str:
+    """``p<pid>@<host>``: who made a staging folder, so a later run can tell a killed run's leftovers."""
+    import os
+    import socket
+
+    return f"p{os.getpid()}@{socket.gethostname()}"
+
+
+def sweep_staging(base: Path) -> list[str]:
+    """Remove the folders under ``base`` that :func:`staging_dir` made for processes of this host that are gone."""
+    import re
+    import shutil
+    import socket
+
+    from mlflowctl.state import pid_alive
+
+    removed = []
+    host = socket.gethostname()
+    try:
+        entries = list(base.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = re.search(r"-p(\d+)@(.+)-[^-]*$", entry.name)
+        if m and m.group(2) == host and entry.is_dir() and not pid_alive(int(m.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+    return removed

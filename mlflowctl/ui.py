@@ -90,6 +90,7 @@ def _read_local_json(path: Path) -> Any:
 
 def _why(path: str, exc: BaseException) -> str:
     """One line for a file that could not be read."""
+    exc = getattr(exc, "cause", None) or exc  # a store's DamagedFile: say what the parser said
     if isinstance(exc, json.JSONDecodeError):
         return f"{path}: not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno})"
     if isinstance(exc, UnicodeDecodeError):

@@ -427,15 +427,16 @@ class LocalServing(ServingTarget):
                    "(TF Serving REST API, V2 API, drift metrics)")
     settings = {
         "host": Setting(str, "127.0.0.1", "address the model server listens on"),
-        "port": Setting(int, 8501, "port of the model server (TF Serving's REST port by default)"),
+        "port": Setting(int, 8501, "port of the model server (TF Serving's REST port by default)", min=1, max=65535),
         "grpc_port": Setting(int, 8500, "port of TF Serving's gRPC API (PredictionService, ModelService) on the same "
-                                        "host; 0 turns gRPC off"),
+                                        "host; 0 turns gRPC off", min=0, max=65535),
         "batching": Setting(bool, False, "dynamic batching: concurrent requests of a version run as one model call"),
         "batch_window_us": Setting(int, 500, "microseconds the first request of a batch waits for others"),
         "max_batch": Setting(int, 64, "rows per batched model call"),
         "batch_queue": Setting(int, 1024, "requests waiting for a batch; more are answered 503 with Retry-After"),
         "max_body_bytes": Setting(int, 8 * 1024 * 1024, "largest request body the server accepts (413 above)"),
-        "canary_weight": Setting(float, 0.0, "share (0..1) of unlabelled requests sent to the canary version"),
+        "canary_weight": Setting(float, 0.0, "share (0..1) of unlabelled requests sent to the canary version",
+                                 min=0, max=1),
         "start_timeout": Setting(float, 60.0, "seconds to wait for the server, or a version, to become ready"),
         "python": Setting(str, sys.executable, "Python interpreter that runs the server (needs tensorflow, uvicorn; "
                                                "process runtime)"),

@@ -11,7 +11,7 @@ from typing import IO, Any
 
 from mlflowctl import hookimpl
 from mlflowctl.errors import ConfigError, UnavailableError
-from mlflowctl.stores import MANIFEST, ReplacingWriter, Store, file_manifest, staging_dir
+from mlflowctl.stores import MANIFEST, ReplacingWriter, Store, file_manifest, staging_dir, sweep_staging
 
 STAGING = ".staging"
 
@@ -114,6 +114,12 @@ class LocalStore(Store):
             raise FileNotFoundError(f"{self.url}: {path} is not a published folder")
         return target
 
+    def sweep(self) -> list[str]:
+        return sweep_staging(self.root / STAGING)
+
+    def damaged(self, path: str, deep: bool = False) -> str | None:
+        return damaged_folder(self._path(path), deep)
+
     def staging(self, label: str = "out") -> contextlib.AbstractContextManager[Path]:
         return staging_dir(self.root / STAGING, label)
 
@@ -131,6 +137,31 @@ class LocalStore(Store):
                 return False
             raise
         return True
+
+
+def damaged_folder(folder: Path, deep: bool = False) -> str | None:
+    """What is wrong with a local published folder against its ``_manifest.json`` (sizes; sha256 if ``deep``)."""
+    import json
+
+    from mlflowctl.pipeline import file_digest
+
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+        entries = [(rel, int(info["bytes"]), info["sha256"]) for rel, info in files.items()]
+    except FileNotFoundError:
+        return f"{MANIFEST} is missing"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"{MANIFEST} is unreadable"
+    for rel, size, sha in entries:
+        target = folder / rel
+        try:
+            if target.stat().st_size != size:
+                return f"{rel} has {target.stat().st_size} bytes, not {size}"
+            if deep and file_digest(target) != sha:
+                return f"{rel} does not match its sha256"
+        except OSError:
+            return f"{rel} is missing"
+    return None
 
 
 def _dumps(data: Any) -> str:

@@ -33,7 +33,7 @@ from typing import IO, Any, Iterator
 from mlflowctl import hookimpl
 from mlflowctl.config import Setting
 from mlflowctl.errors import ConfigError, MlflowctlError, UnavailableError
-from mlflowctl.stores import MANIFEST, Store
+from mlflowctl.stores import MANIFEST, Store, loads_json
 from mlflowctl_plugins.kube import Kube, check_dns_label, check_quantity, dns_name
 
 SERVER_PORT = 8080
@@ -305,7 +305,7 @@ class PvcStore(Store):
 
     def read_json(self, path: str, default: Any = None) -> Any:
         data = self.read_bytes(path)  # one request, not exists + open
-        return default if data is None else json.loads(data)
+        return default if data is None else loads_json(data, self, path)
 
     def open(self, path: str, mode: str = "rb") -> IO[Any]:
         if "w" in mode:

@@ -47,7 +47,7 @@ from typing import IO, Any, Iterator
 from mlflowctl import hookimpl
 from mlflowctl.config import Setting
 from mlflowctl.errors import ConfigError, MlflowctlError, UnavailableError
-from mlflowctl.stores import MANIFEST, ReplacingWriter, Store, file_manifest, manifest_files, staging_dir
+from mlflowctl.stores import MANIFEST, ReplacingWriter, Store, file_manifest, loads_json, manifest_files, staging_dir
 
 FILES = "_files"          # <path>/_files/<upload-id>/<file>: the uploads of a published directory
 CACHE_DIR = "s3-cache"     # under the project's state folder
@@ -857,7 +857,7 @@ class S3Store(Store):
 
     def read_json(self, path: str, default: Any = None) -> Any:
         data = self.tree.read_bytes(path)  # one GET, where the base class would look first and read then
-        return default if data is None else json.loads(data)
+        return default if data is None else loads_json(data, self, path)
 
     def put(self, src: Path, path: str) -> None:
         self.tree.put_file(src, path)

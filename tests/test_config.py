@@ -105,19 +105,19 @@ def test_secrets_resolve_from_env_and_file_and_stay_out_of_public_views(tmp_path
         serving_targets: dict = {}
 
     monkeypatch.setenv("MY_TOKEN", "s3cr3t")
-    cfg = load_config(write(tmp_path, 'backends:\n  fake:\n    token: {"$env": MY_TOKEN}\n'), registry=Reg)
+    cfg = load_config(write(tmp_path, 'backend: fake\nbackends:\n  fake:\n    token: {"$env": MY_TOKEN}\n'), registry=Reg)
     assert cfg["backends"]["fake"]["token"] == "s3cr3t"
     shown = public(cfg.data, full_schema(Reg))
     assert "token" not in shown["backends"]["fake"] and shown["backends"]["fake"]["region"] == "eu"
 
     secret_file = tmp_path / "tok"
     secret_file.write_text("from-file\n")
-    cfg = load_config(write(tmp_path, f'backends:\n  fake:\n    token: {{"$file": "{secret_file}"}}\n'), registry=Reg)
+    cfg = load_config(write(tmp_path, f'backend: fake\nbackends:\n  fake:\n    token: {{"$file": "{secret_file}"}}\n'), registry=Reg)
     assert cfg["backends"]["fake"]["token"] == "from-file"
 
     monkeypatch.delenv("MY_TOKEN")
     with pytest.raises(ConfigError, match="environment variable MY_TOKEN is not set"):
-        load_config(write(tmp_path, 'backends:\n  fake:\n    token: {"$env": MY_TOKEN}\n'), registry=Reg)
+        load_config(write(tmp_path, 'backend: fake\nbackends:\n  fake:\n    token: {"$env": MY_TOKEN}\n'), registry=Reg)
 
 
 def test_parsed_config_is_cached_until_the_file_changes(tmp_path):

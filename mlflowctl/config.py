@@ -156,6 +156,9 @@ SCHEMA: dict[str, Any] = {
         steps=Setting(int, 0, "steps per epoch (0: the whole training set)"),
         batch_size=Setting(int, 128, "batch size"),
         seed=Setting(int, 42, "random seed"),
+        workers=Setting(int, 1, "training processes working as one (tf.distribute.MultiWorkerMirroredStrategy); "
+                                ">1: the backend runs that many replicas with a TF_CONFIG naming them all",
+                        check=lambda n: None if n >= 1 else "expected an integer >= 1"),
     ),
     "train_concept": _stage(
         learning_rate=Setting(float, 0.001, "Adam learning rate of the autoencoder"),

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from mlflowctl.backends import LogWriter, StageResult, StageRun, StoreLocation
 from mlflowctl.config import SCHEMA, full_schema, public, stage_env
-from mlflowctl.errors import MlflowctlError, StageFailed
+from mlflowctl.errors import ConfigError, MlflowctlError, StageFailed
 from mlflowctl.stores import MANIFEST
 
 RESULTS = "results"
@@ -48,6 +48,8 @@ class Stage:
     still_valid: Callable[..., bool] | None = None  # still_valid(project, result_dir): for results that
     #                                                 stand for outside state (a deployment), is it still so?
     doc: str = ""
+    replicas: str | None = None  # the setting of the section giving how many copies of ``command`` run as one
+    #                              distributed job (StageRun.replicas); None: always one
 
     @property
     def section(self) -> str | None:
@@ -115,6 +117,9 @@ class Pipeline:
             for _, up in s.inputs:
                 if up not in self.stages:
                     raise MlflowctlError(f"stage {s.name}: input from unknown stage {up!r}")
+        for s in stages:  # a replica count the backend cannot run fails before any stage runs
+            if s.command:
+                self.replicas(s)
 
     # -- keys -------------------------------------------------------------
     def code_digests(self, stage: Stage) -> dict[str, str]:
@@ -240,7 +245,7 @@ class Pipeline:
                 outputs = {stage.output: out}
             run = StageRun(
                 stage=stage.name, command=list(stage.command), workdir=project.stage_code_dir,
-                env=self.stage_env(stage), inputs=inputs, outputs=outputs, locations=locations,
+                env=self.stage_env(stage), replicas=self.replicas(stage), inputs=inputs, outputs=outputs, locations=locations,
                 log_path=log_path, key=info.key,
             )
             hook = project.pm.hook
@@ -316,7 +321,7 @@ class Pipeline:
             locations[stage.output] = StoreLocation(self.project.store, f".staging/{stage.name}-{key or 'pending'}",
                                                     read_only=False)
             run = StageRun(stage=stage.name, command=list(stage.command), workdir=self.project.stage_code_dir,
-                           env=self.stage_env(stage), inputs=inputs,
+                           env=self.stage_env(stage), replicas=self.replicas(stage), inputs=inputs,
                            outputs={} if in_store else {stage.output: folder / "outputs" / stage.name},
                            locations=locations, log_path=folder / "logs" / f"{stage.name}.log", key=key)
             written += [p for p in self.project.backend.render(run, folder) if p not in written]
@@ -348,7 +353,7 @@ class Pipeline:
             with self.project.store.remote_staging(stage.name) as staging:
                 locations[stage.output] = StoreLocation(self.project.store, staging, read_only=False)
                 run = StageRun(stage=stage.name, command=list(stage.command), workdir=self.project.stage_code_dir,
-                               env=self.stage_env(stage), inputs={}, outputs={}, locations=locations,
+                               env=self.stage_env(stage), replicas=self.replicas(stage), inputs={}, outputs={}, locations=locations,
                                log_path=log_path, key="uncached")
                 with _live(run):
                     result = self.project.backend.run(run)
@@ -356,10 +361,23 @@ class Pipeline:
                 return result
         inputs = {env: self.current_result(up) for env, up in stage.inputs}
         run = StageRun(stage=stage.name, command=list(stage.command), workdir=self.project.stage_code_dir,
-                       env=self.stage_env(stage), inputs=inputs, outputs={stage.output: out}, locations=locations,
+                       env=self.stage_env(stage), replicas=self.replicas(stage), inputs=inputs, outputs={stage.output: out}, locations=locations,
                        log_path=log_path, key="uncached")
         with _live(run):
             return self.project.backend.run(run)
+
+    def replicas(self, stage: Stage) -> int:
+        """How many copies of the stage's command run together (1 unless the stage names a setting for it);
+        a backend that cannot run several says so here, before anything runs."""
+        if not stage.replicas or not stage.section:
+            return 1
+        count = int(self.project.config[stage.section][stage.replicas])
+        backend = self.project.backend
+        if count > 1 and not getattr(backend, "supports_replicas", False):
+            raise ConfigError(f"{stage.section}.{stage.replicas}: {count}, but backend {backend.name} runs one "
+                              f"process per stage", hint=f"set {stage.section}.{stage.replicas}: 1, or use a "
+                                                         f"backend that runs replicas (local)")
+        return count
 
     def stage_env(self, stage: Stage) -> dict[str, str]:
         env = {"STAGE_NAME": stage.name, "MLFLOWCTL_PROJECT": self.project.name,

@@ -58,7 +58,7 @@ up() {
   if ! running; then
     setsid nohup "$BINARY" --kubeconfig "$KUBECONFIG_ADMIN" --enable-scheme=tfjob \
       --metrics-bind-address "127.0.0.1:$(free_port)" --health-probe-bind-address "127.0.0.1:$(free_port)" \
-      --gang-scheduler-name none >>"$LOG" 2>&1 </dev/null 9>&- &
+      >>"$LOG" 2>&1 </dev/null 9>&- &
     echo $! >"$PIDFILE"
     for ((i = 0; i < 60; i++)); do  # it is up when it has started its TFJob controller
       running || { tail -n 15 "$LOG" >&2; die "the operator exited (log: $LOG)"; }

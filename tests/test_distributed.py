@@ -18,7 +18,7 @@ import pytest
 from conftest import make_project
 from contract_fixtures import local_backend
 from mlflowctl.backends import StageRun
-from test_e2e import SMALL, doit, free_port, ran
+from test_e2e import SMALL, doit, free_port, mlflowctl, ran
 
 
 def replica_run(tmp_path: Path, code: str, replicas: int = 2) -> StageRun:
@@ -133,7 +133,10 @@ def test_a_backend_without_replicas_refuses_workers_above_one(tmp_path):
 @pytest.mark.slow
 def test_two_local_workers_train_a_model_the_gate_accepts(tmp_path):
     root = _project(tmp_path, 2)
-    proc = doit(root, "-n", "2", timeout=900)
+    try:
+        proc = doit(root, "-n", "2", timeout=900)
+    finally:  # the pipeline deployed a model server: stop it
+        mlflowctl(root, "serve", "stop", check=False)
     assert "promote" in ran(proc)
     models = root / ".mlflowctl" / "store" / "results" / "train_model"
     (key_dir,) = list(models.iterdir())

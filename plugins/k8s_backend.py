@@ -415,50 +415,36 @@ class KubeBackend(Backend):
         return StageResult(int(outcome["exit_code"]), time.monotonic() - started, run.log_path, detail)
 
     def _delete_tfjob(self, name: str, wait: bool = False, timeout: float = 30.0) -> None:
-        """Delete the TFJob and its pods and Services (grace 0); with ``wait``, until no pod of it is left."""
+        """Delete the TFJob and its pods (grace 0); the operator's Services go with it (owner references)."""
         from kubernetes import client
 
-        ns = self.kube.namespace
-        custom, core = client.CustomObjectsApi(self.kube.connect()), self.kube.core()
-        selector = f"{TFJOB_LABEL}={name}"
-        for attempt in range(3):  # a second Ctrl-C must not leave the TFJob behind
-            try:
-                self.kube.call(f"delete tfjob {name}", custom.delete_namespaced_custom_object, TFJOB_GROUP,
-                               TFJOB_VERSION, ns, "tfjobs", name, grace_period_seconds=0,
-                               propagation_policy="Background", not_found=None)
-                self.kube.call("delete pods", core.delete_collection_namespaced_pod, ns, label_selector=selector,
-                               grace_period_seconds=0, not_found=None)
-                deadline = time.monotonic() + timeout
-                while wait and time.monotonic() < deadline:
-                    if not self.kube.call("list pods", core.list_namespaced_pod, ns, label_selector=selector).items:
-                        break
-                    time.sleep(0.2)
-                return
-            except KeyboardInterrupt:
-                continue
-            except MlflowctlError:
-                return
+        custom = client.CustomObjectsApi(self.kube.connect())
+        self._delete(name, wait, timeout, kind="tfjob", pod_label=TFJOB_LABEL,
+                     delete=lambda ns, body: custom.delete_namespaced_custom_object(
+                         TFJOB_GROUP, TFJOB_VERSION, ns, "tfjobs", name, body=body))
 
     def _create(self, run: StageRun, name: str, image: str) -> None:
         manifest = self.job_manifest(run, name, image)
         self.kube.call(f"create job {name}", self.kube.batch().create_namespaced_job, self.kube.namespace, manifest)
 
-    def _delete(self, name: str, wait: bool = False, timeout: float = 30.0) -> None:
-        """Delete the Job and its pods (grace 0); with ``wait``, until no pod of it is left."""
+    def _delete(self, name: str, wait: bool = False, timeout: float = 30.0, kind: str = "job",
+                pod_label: str = "job-name", delete: Any = None) -> None:
+        """Delete the Job (or with ``delete(namespace, body)``, another kind) and its pods (grace 0);
+        with ``wait``, until no pod of it is left."""
         from kubernetes import client
 
         ns = self.kube.namespace
         body = client.V1DeleteOptions(propagation_policy="Background", grace_period_seconds=0)
+        delete = delete or (lambda ns, body: self.kube.batch().delete_namespaced_job(name, ns, body=body))
         for attempt in range(3):  # a second Ctrl-C must not leave the Job behind
             try:
-                self.kube.call(f"delete job {name}", self.kube.batch().delete_namespaced_job, name, ns,
-                               body=body, not_found=None)
+                self.kube.call(f"delete {kind} {name}", delete, ns, body, not_found=None)
                 core = self.kube.core()
                 self.kube.call("delete pods", core.delete_collection_namespaced_pod, ns,
-                               label_selector=f"job-name={name}", grace_period_seconds=0, not_found=None)
+                               label_selector=f"{pod_label}={name}", grace_period_seconds=0, not_found=None)
                 deadline = time.monotonic() + timeout
                 while wait and time.monotonic() < deadline:
-                    pods = self.kube.call("list pods", core.list_namespaced_pod, ns, label_selector=f"job-name={name}")
+                    pods = self.kube.call("list pods", core.list_namespaced_pod, ns, label_selector=f"{pod_label}={name}")
                     if not pods.items:
                         break
                     time.sleep(0.2)

@@ -38,7 +38,7 @@ def backend(tmp_path, pvc_claim, docker_client, tfjob_operator):
 
 
 REPLICA = """\
-import json, os, pathlib, sys
+import json, os, pathlib, sys, time
 cfg = json.loads(os.environ["TF_CONFIG"])
 task = cfg["task"]
 print("task", task["type"], task["index"], "cluster", json.dumps(cfg["cluster"], sort_keys=True), flush=True)
@@ -46,6 +46,8 @@ pathlib.Path(os.environ["OUT_DIR"], f"{task['type']}-{task['index']}").write_tex
 if task["type"] == os.environ.get("FAIL_TYPE"):
     print("this replica gives up", flush=True)
     sys.exit(5)
+if os.environ.get("FAIL_TYPE"):  # the others wait for their peer, as a real training would
+    time.sleep(90)
 """
 
 
@@ -76,3 +78,5 @@ def test_a_failing_worker_fails_the_tfjob_with_its_exit_code(backend, tmp_path, 
     assert result.exit_code == 5, run.log_path.read_text()
     assert "worker-0: this replica gives up" in run.log_path.read_text()
     assert result.detail["pod"].endswith("-worker-0")
+    assert result.duration < 80  # the waiting chief was not waited for
+    assert leftovers(kube_cluster, pvc_claim[0]) == []

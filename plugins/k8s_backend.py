@@ -807,6 +807,25 @@ class _TFJobWatcher(_JobWatcher):
         replica = pod[len(self.name) + 1:] if pod.startswith(self.name + "-") else pod
         return "" if replica == "chief-0" else f"{replica}: "
 
+    def _failure(self, condition: Any) -> dict[str, Any]:
+        """The failed replica's exit code: the operator may say Failed before the kubelet's pod status
+        (the exit code) reaches us, so look again for a few seconds before falling back to its message."""
+        core, ns = self.kube.core(), self.kube.namespace
+        for _ in range(50):
+            listing = self.kube.call("list pods", core.list_namespaced_pod, ns,
+                                     label_selector=f"{self.pod_label}={self.name}")
+            for pod in listing.items:
+                self.pods[pod.metadata.name] = pod
+            if any(s.state and s.state.terminated and s.state.terminated.exit_code
+                   for p in listing.items for s in (p.status.container_statuses or [] if p.status else [])):
+                break
+            time.sleep(0.2)
+        outcome = super()._failure(condition)
+        if "error" in outcome:
+            outcome["error"] = outcome["error"].replace(f"job {self.name}", f"tfjob {self.name}", 1)
+            outcome["hint"] = f"kubectl -n {ns} describe tfjob {self.name}; full log: {self.run.log_path}"
+        return outcome
+
     def _read_job(self, batch: Any, ns: str) -> Any:
         """The TFJob as an object like a Job (``.status.conditions``); a TFJob no operator has picked up
         (no condition at all) within ``start_timeout`` fails the stage."""

@@ -41,7 +41,7 @@ export DEBIAN_FRONTEND := noninteractive
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 
-.PHONY: help venv data docker seaweedfs cluster cluster-down demo test bench clean distclean
+.PHONY: help venv data docker seaweedfs cluster tfjob-operator cluster-down demo test bench clean distclean
 
 help:
 	@echo "targets: demo test bench venv data docker seaweedfs cluster cluster-down clean distclean"
@@ -102,6 +102,11 @@ docker:
 cluster:
 	@if [ -n "$(NO_CLUSTER)" ]; then echo "cluster: skipped (NO_CLUSTER set)"; exit 0; fi; \
 	scripts/ensure-cluster.sh up
+
+# the Kubeflow training operator (TFJob scheme) beside the test cluster: built once from its Go module
+tfjob-operator: cluster
+	@if [ -n "$(NO_CLUSTER)" ]; then echo "tfjob-operator: skipped (NO_CLUSTER set)"; exit 0; fi; \
+	scripts/ensure-tfjob-operator.sh up
 
 cluster-down:
 	scripts/ensure-cluster.sh down

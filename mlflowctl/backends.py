@@ -35,6 +35,11 @@ class StageRun:
     # ``outputs`` are then empty and the output path is a store-side staging folder.
     locations: dict[str, "StoreLocation"] = field(default_factory=dict)
     timeout: float | None = None
+    # copies of ``command`` that run together as one distributed job (``Stage.replicas``). With more than
+    # one, each copy gets ``TF_CONFIG`` (``{"cluster": {...}, "task": {"type", "index"}}``) naming them all;
+    # the chief (type ``chief``, else ``worker`` 0) writes the outputs, the others a throwaway folder.
+    # Only backends with ``supports_replicas`` get more than 1.
+    replicas: int = 1
     cancelled: threading.Event = field(default_factory=threading.Event)
     echo: Callable[[str], None] | None = None  # where live lines go; default: print with a prefix
 
@@ -87,6 +92,8 @@ class Backend(Configurable):
     #: True when stages run where the orchestrator's folders are not visible (a cluster): they then
     #: get ``StageRun.locations`` only, read inputs from and write outputs into the store itself.
     runs_in_store: ClassVar[bool] = False
+    #: True when ``run`` honours ``StageRun.replicas`` > 1 (the pipeline refuses such a run otherwise).
+    supports_replicas: ClassVar[bool] = False
 
     def profile(self) -> dict[str, Any]:
         """What about this backend changes a stage's results: joins every stage's cache key."""

@@ -211,6 +211,9 @@ SCHEMA: dict[str, Any] = {
         steps=Setting(int, 0, "steps per epoch (0: the whole training set)", min=0),
         batch_size=Setting(int, 128, "batch size", min=1, max=1_000_000),
         seed=Setting(int, 42, "random seed", min=0, max=2**32 - 1),
+        workers=Setting(int, 1, "training processes working as one (tf.distribute.MultiWorkerMirroredStrategy); "
+                                ">1: the backend runs that many replicas with a TF_CONFIG naming them all",
+                        min=1),
     ),
     "train_concept": _stage(
         learning_rate=Setting(float, 0.001, "Adam learning rate of the autoencoder", min=1e-12, max=10),

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from mlflowctl.backends import LogWriter, StageResult, StageRun, StoreLocation
 from mlflowctl.config import SCHEMA, full_schema, public, stage_env
-from mlflowctl.errors import MlflowctlError, StageFailed
+from mlflowctl.errors import ConfigError, MlflowctlError, StageFailed
 from mlflowctl.stores import MANIFEST
 
 RESULTS = "results"
@@ -52,6 +52,8 @@ class Stage:
     #                                                the same key first; undo what only our output stands for
     keys: tuple[str, ...] = ()                      # top-level config keys that are part of the key (model_name)
     doc: str = ""
+    replicas: str | None = None  # the setting of the section giving how many copies of ``command`` run as one
+    #                              distributed job (StageRun.replicas); None: always one
 
     @property
     def section(self) -> str | None:
@@ -119,6 +121,9 @@ class Pipeline:
             for _, up in s.inputs:
                 if up not in self.stages:
                     raise MlflowctlError(f"stage {s.name}: input from unknown stage {up!r}")
+        for s in stages:  # a replica count the backend cannot run fails before any stage runs
+            if s.command:
+                self.replicas(s)
 
     # -- keys -------------------------------------------------------------
     def code_digests(self, stage: Stage) -> dict[str, str]:
@@ -264,7 +269,7 @@ class Pipeline:
                 outputs = {stage.output: out}
             run = StageRun(
                 stage=stage.name, command=list(stage.command), workdir=project.stage_code_dir,
-                env=self.stage_env(stage), inputs=inputs, outputs=outputs, locations=locations,
+                env=self.stage_env(stage), replicas=self.replicas(stage), inputs=inputs, outputs=outputs, locations=locations,
                 log_path=log_path, key=info.key,
             )
             hook = project.pm.hook
@@ -353,7 +358,7 @@ class Pipeline:
             locations[stage.output] = StoreLocation(self.project.store, f".staging/{stage.name}-{key or 'pending'}",
                                                     read_only=False)
             run = StageRun(stage=stage.name, command=list(stage.command), workdir=self.project.stage_code_dir,
-                           env=self.stage_env(stage), inputs=inputs,
+                           env=self.stage_env(stage), replicas=self.replicas(stage), inputs=inputs,
                            outputs={} if in_store else {stage.output: folder / "outputs" / stage.name},
                            locations=locations, log_path=folder / "logs" / f"{stage.name}.log", key=key)
             written += [p for p in self.project.backend.render(run, folder) if p not in written]
@@ -385,7 +390,7 @@ class Pipeline:
             with self.project.store.remote_staging(stage.name) as staging:
                 locations[stage.output] = StoreLocation(self.project.store, staging, read_only=False)
                 run = StageRun(stage=stage.name, command=list(stage.command), workdir=self.project.stage_code_dir,
-                               env=self.stage_env(stage), inputs={}, outputs={}, locations=locations,
+                               env=self.stage_env(stage), replicas=self.replicas(stage), inputs={}, outputs={}, locations=locations,
                                log_path=log_path, key="uncached")
                 with _live(run):
                     result = self.project.backend.run(run)
@@ -393,10 +398,23 @@ class Pipeline:
                 return result
         inputs = {env: self.current_result(up) for env, up in stage.inputs}
         run = StageRun(stage=stage.name, command=list(stage.command), workdir=self.project.stage_code_dir,
-                       env=self.stage_env(stage), inputs=inputs, outputs={stage.output: out}, locations=locations,
+                       env=self.stage_env(stage), replicas=self.replicas(stage), inputs=inputs, outputs={stage.output: out}, locations=locations,
                        log_path=log_path, key="uncached")
         with _live(run):
             return self.project.backend.run(run)
+
+    def replicas(self, stage: Stage) -> int:
+        """How many copies of the stage's command run together (1 unless the stage names a setting for it);
+        a backend that cannot run several says so here, before anything runs."""
+        if not stage.replicas or not stage.section:
+            return 1
+        count = int(self.project.config[stage.section][stage.replicas])
+        backend = self.project.backend
+        if count > 1 and not getattr(backend, "supports_replicas", False):
+            raise ConfigError(f"{stage.section}.{stage.replicas}: {count}, but backend {backend.name} runs one "
+                              f"process per stage", hint=f"set {stage.section}.{stage.replicas}: 1, or use a "
+                                                         f"backend that runs replicas (local)")
+        return count
 
     def stage_env(self, stage: Stage) -> dict[str, str]:
         env = {"STAGE_NAME": stage.name, "MLFLOWCTL_PROJECT": self.project.name,

@@ -39,6 +39,8 @@ MANAGED_BY = "mlflowctl"
 LABEL_PROJECT = "mlflowctl.io/project"
 LABEL_STAGE = "mlflowctl.io/stage"
 LABEL_KEY = "mlflowctl.io/key"
+TFJOB_GROUP, TFJOB_VERSION = "kubeflow.org", "v1"
+TFJOB_LABEL = "training.kubeflow.org/job-name"
 WATCH_SECONDS = 1           # each watch call returns at least this often, so cancel is prompt
 IMAGE_ERRORS = ("ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName")
 CONFIG_ERRORS = ("CreateContainerConfigError", "CreateContainerError", "RunContainerError")
@@ -71,6 +73,7 @@ class KubeBackend(Backend):
 
     name = "k8s"
     runs_in_store = True
+    supports_replicas = True  # StageRun.replicas > 1: a kubeflow.org/v1 TFJob (Chief + replicas-1 Workers)
     description = "stages run as Kubernetes Jobs of the project's image; inputs and outputs on the store's volume"
     settings = {
         "kubeconfig": Setting(str, "", "kubeconfig file (empty: $KUBECONFIG or ~/.kube/config)"),
@@ -294,6 +297,33 @@ class KubeBackend(Backend):
         return {"apiVersion": "batch/v1", "kind": "Job",
                 "metadata": {"name": name, "namespace": self.kube.namespace, "labels": labels}, "spec": spec}
 
+    def tfjob_manifest(self, run: StageRun, name: str, image: str) -> dict[str, Any]:
+        """The ``kubeflow.org/v1`` TFJob for ``run.replicas`` > 1: a Chief and replicas-1 Workers, each pod the
+        Job's pod (container ``tensorflow``, port 2222, same volumes and env); the training operator sets
+        ``TF_CONFIG``. Workers get an emptyDir where the chief has the output folder (they write nothing kept)."""
+        job = self.job_manifest(run, name, image)
+        template = job["spec"]["template"]
+        container = template["spec"]["containers"][0]
+        container["name"] = "tensorflow"
+        container["ports"] = [{"name": "tfjob-port", "containerPort": 2222}]
+        worker = json.loads(json.dumps(template))
+        outputs = {f"{OUTPUTS_ROOT}/{var}" for var, loc in run.locations.items() if not loc.read_only}
+        for i, mount in enumerate(worker["spec"]["containers"][0]["volumeMounts"]):
+            if mount["mountPath"] in outputs:
+                worker["spec"]["volumes"].append({"name": f"replica-output-{i}", "emptyDir": {}})
+                worker["spec"]["containers"][0]["volumeMounts"][i] = {"name": f"replica-output-{i}",
+                                                                      "mountPath": mount["mountPath"]}
+        run_policy: dict[str, Any] = {"cleanPodPolicy": "None", "backoffLimit": int(self.setting("backoff_limit"))}
+        for key in ("active_deadline_seconds", "ttl_seconds_after_finished"):
+            if int(self.setting(key)):
+                run_policy["activeDeadlineSeconds" if key.startswith("active") else "ttlSecondsAfterFinished"] = \
+                    int(self.setting(key))
+        replica = {"restartPolicy": "Never"}
+        return {"apiVersion": f"{TFJOB_GROUP}/{TFJOB_VERSION}", "kind": "TFJob", "metadata": job["metadata"],
+                "spec": {"runPolicy": run_policy, "tfReplicaSpecs": {
+                    "Chief": {**replica, "replicas": 1, "template": template},
+                    "Worker": {**replica, "replicas": run.replicas - 1, "template": worker}}}}
+
     # -- running -------------------------------------------------------------------------------------------
     def run(self, run: StageRun) -> StageResult:
         if not run.locations:
@@ -301,6 +331,8 @@ class KubeBackend(Backend):
                               hint="run it through the pipeline (doit), with a store pods can mount (pvc://)")
         self.preflight()
         image = self.image(run.emit)
+        if run.replicas > 1:
+            return self._run_tfjob(run, image)
         batch = self.kube.batch()
         ns = self.kube.namespace
         name = self.job_name(run)
@@ -340,26 +372,79 @@ class KubeBackend(Backend):
                               f"full log: {run.log_path}; kubectl -n {ns} describe job {name}")
         return StageResult(int(outcome["exit_code"]), time.monotonic() - started, run.log_path, detail)
 
+    def _run_tfjob(self, run: StageRun, image: str) -> StageResult:
+        from kubernetes import client
+
+        custom = client.CustomObjectsApi(self.kube.connect())
+        ns, name, started = self.kube.namespace, self.job_name(run), time.monotonic()
+        with LogWriter(run) as log:
+            self._delete_tfjob(name, wait=True)  # an earlier attempt's (TFJobs are not adopted)
+            for loc in run.locations.values():
+                if not loc.read_only:
+                    loc.store.delete(loc.path)
+            created = self.kube.call(f"create tfjob {name}", custom.create_namespaced_custom_object, TFJOB_GROUP,
+                                     TFJOB_VERSION, ns, "tfjobs", self.tfjob_manifest(run, name, image),
+                                     not_found=None)
+            if created is None:
+                raise ConfigError(f"stage {run.stage}: {run.replicas} replicas need a TFJob, and the cluster has no "
+                                  f"TFJob CRD ({TFJOB_GROUP}/{TFJOB_VERSION} tfjobs)",
+                                  hint="install the Kubeflow training operator (on the test cluster: "
+                                       "make tfjob-operator), or set the stage's replica count to 1")
+            log.line(f"tfjob {name} submitted (namespace {ns}, image {image}, chief + {run.replicas - 1} "
+                     f"worker{'s' if run.replicas > 2 else ''})")
+            watcher = _TFJobWatcher(self, run, name, log, started)
+            try:
+                outcome = watcher.wait()
+            except KeyboardInterrupt:
+                watcher.stop_logs()
+                self._delete_tfjob(name, wait=True)
+                raise Cancelled(f"stage {run.stage} interrupted; tfjob {name} deleted") from None
+            except BaseException:
+                watcher.stop_logs()
+                self._delete_tfjob(name, wait=True)
+                raise
+            finally:
+                watcher.stop_logs(join=True)
+            if not self.setting("keep_jobs"):
+                self._delete_tfjob(name, wait=False)
+        detail = {"tfjob": name, "namespace": ns, "image": image, "pod": outcome.get("pod", ""),
+                  "replicas": run.replicas}
+        if outcome.get("error"):
+            raise StageFailed(f"stage {run.stage}: {outcome['error']}", hint=outcome.get("hint") or
+                              f"full log: {run.log_path}; kubectl -n {ns} describe tfjob {name}")
+        return StageResult(int(outcome["exit_code"]), time.monotonic() - started, run.log_path, detail)
+
+    def _delete_tfjob(self, name: str, wait: bool = False, timeout: float = 30.0) -> None:
+        """Delete the TFJob and its pods (grace 0); the operator's Services go with it (owner references)."""
+        from kubernetes import client
+
+        custom = client.CustomObjectsApi(self.kube.connect())
+        self._delete(name, wait, timeout, kind="tfjob", pod_label=TFJOB_LABEL,
+                     delete=lambda ns, body: custom.delete_namespaced_custom_object(
+                         TFJOB_GROUP, TFJOB_VERSION, ns, "tfjobs", name, body=body))
+
     def _create(self, run: StageRun, name: str, image: str) -> None:
         manifest = self.job_manifest(run, name, image)
         self.kube.call(f"create job {name}", self.kube.batch().create_namespaced_job, self.kube.namespace, manifest)
 
-    def _delete(self, name: str, wait: bool = False, timeout: float = 30.0) -> None:
-        """Delete the Job and its pods (grace 0); with ``wait``, until no pod of it is left."""
+    def _delete(self, name: str, wait: bool = False, timeout: float = 30.0, kind: str = "job",
+                pod_label: str = "job-name", delete: Any = None) -> None:
+        """Delete the Job (or with ``delete(namespace, body)``, another kind) and its pods (grace 0);
+        with ``wait``, until no pod of it is left."""
         from kubernetes import client
 
         ns = self.kube.namespace
         body = client.V1DeleteOptions(propagation_policy="Background", grace_period_seconds=0)
+        delete = delete or (lambda ns, body: self.kube.batch().delete_namespaced_job(name, ns, body=body))
         for attempt in range(3):  # a second Ctrl-C must not leave the Job behind
             try:
-                self.kube.call(f"delete job {name}", self.kube.batch().delete_namespaced_job, name, ns,
-                               body=body, not_found=None)
+                self.kube.call(f"delete {kind} {name}", delete, ns, body, not_found=None)
                 core = self.kube.core()
                 self.kube.call("delete pods", core.delete_collection_namespaced_pod, ns,
-                               label_selector=f"job-name={name}", grace_period_seconds=0, not_found=None)
+                               label_selector=f"{pod_label}={name}", grace_period_seconds=0, not_found=None)
                 deadline = time.monotonic() + timeout
                 while wait and time.monotonic() < deadline:
-                    pods = self.kube.call("list pods", core.list_namespaced_pod, ns, label_selector=f"job-name={name}")
+                    pods = self.kube.call("list pods", core.list_namespaced_pod, ns, label_selector=f"{pod_label}={name}")
                     if not pods.items:
                         break
                     time.sleep(0.2)
@@ -379,8 +464,9 @@ class KubeBackend(Backend):
         registry = str(self.setting("registry")).rstrip("/")
         if registry and not self.setting("image"):
             image = f"{registry}/{image.split('/', 1)[-1]}"
-        manifest = self.job_manifest(run, self.job_name(run), image)
-        path = folder / f"job-{dns_name(run.stage)}.yaml"
+        kind = "tfjob" if run.replicas > 1 else "job"
+        manifest = (self.tfjob_manifest if run.replicas > 1 else self.job_manifest)(run, self.job_name(run), image)
+        path = folder / f"{kind}-{dns_name(run.stage)}.yaml"
         path.write_text(f"# stage {run.stage}: kubectl apply -f {path.name}\n" + yaml.safe_dump(manifest, sort_keys=False))
         return [path]
 
@@ -490,6 +576,11 @@ def _job_condition(job: Any, kind: str) -> Any:
 class _JobWatcher:
     """Watch a Job's pods until the Job ends; follow each pod's log; say how it ended."""
 
+    pod_label = "job-name"      # the label naming the job on its pods
+    container = "stage"
+    done = "Complete"           # the job condition of success
+    several_pods = False        # True: every pod is a replica (its lines prefixed), not a retry
+
     def __init__(self, backend: KubeBackend, run: StageRun, name: str, log: LogWriter, started: float) -> None:
         self.backend, self.run, self.name, self.log, self.started = backend, run, name, log, started
         self.kube = backend.kube
@@ -503,11 +594,11 @@ class _JobWatcher:
     def _follow(self, pod: str) -> None:
         core = self.kube.core()
         try:
-            resp = core.read_namespaced_pod_log(pod, self.kube.namespace, container="stage", follow=True,
+            resp = core.read_namespaced_pod_log(pod, self.kube.namespace, container=self.container, follow=True,
                                                 _preload_content=False, _request_timeout=(10, 7 * 86400))
         except Exception:  # noqa: BLE001 - no log (the pod is gone): nothing to stream
             return
-        pending = b""
+        pending, prefix = b"", self.prefix(pod)
         try:
             for chunk in resp.stream(4096):
                 if self.stopping.is_set():
@@ -515,13 +606,17 @@ class _JobWatcher:
                 pending += chunk
                 *lines, pending = pending.split(b"\n")
                 for line in lines:
-                    self.log.line(line.decode("utf-8", "replace").rstrip("\r"))
+                    self.log.line(prefix + line.decode("utf-8", "replace").rstrip("\r"))
             if pending and not self.stopping.is_set():
-                self.log.line(pending.decode("utf-8", "replace"))
+                self.log.line(prefix + pending.decode("utf-8", "replace"))
         except Exception:  # noqa: BLE001 - the stream broke (pod deleted): what we have is the log
             pass
         finally:
             resp.release_conn()
+
+    def prefix(self, pod: str) -> str:
+        """What starts each log line of ``pod`` (a replica's name; nothing for the one pod of a Job)."""
+        return ""
 
     def _start_follow(self, pod: Any) -> None:
         name = pod.metadata.name
@@ -531,7 +626,7 @@ class _JobWatcher:
         started = any(s.state and (s.state.running or s.state.terminated) for s in statuses)
         if not started:
             return
-        if len(self.followers) > 0:
+        if len(self.followers) > 0 and not self.several_pods:
             self.log.line(f"--- retry: pod {name}")
         t = threading.Thread(target=self._follow, args=(name,), daemon=True, name=f"log-{name}")
         self.followers[name] = t
@@ -550,7 +645,7 @@ class _JobWatcher:
         from kubernetes.client.exceptions import ApiException
 
         core, batch, ns = self.kube.core(), self.kube.batch(), self.kube.namespace
-        selector = f"job-name={self.name}"
+        selector = f"{self.pod_label}={self.name}"
         version = None
         while True:
             self.run.raise_if_stopped(self.started)
@@ -593,7 +688,7 @@ class _JobWatcher:
             job = self._read_job(batch, ns)
             if job is None:
                 return {"error": f"job {self.name} disappeared (deleted by someone else?)"}
-            if _job_condition(job, "Complete"):
+            if _job_condition(job, self.done):
                 self._catch_up()
                 return {"exit_code": 0, "pod": self._last_pod_name()}
             failed = _job_condition(job, "Failed")
@@ -615,7 +710,8 @@ class _JobWatcher:
     def _catch_up(self) -> None:
         """The log of every pod that ended before the watch saw it run (short stages), read whole."""
         core, ns = self.kube.core(), self.kube.namespace
-        listing = self.kube.call("list pods", core.list_namespaced_pod, ns, label_selector=f"job-name={self.name}")
+        listing = self.kube.call("list pods", core.list_namespaced_pod, ns,
+                                 label_selector=f"{self.pod_label}={self.name}")
         for pod in sorted(listing.items, key=lambda p: p.metadata.creation_timestamp or 0):
             self.pods[pod.metadata.name] = pod
             if pod.metadata.name not in self.followers:
@@ -634,7 +730,9 @@ class _JobWatcher:
             return {"error": f"job {self.name} ran past backends.k8s.active_deadline_seconds="
                              f"{self.backend.setting('active_deadline_seconds')} (DeadlineExceeded)",
                     "hint": "raise backends.k8s.active_deadline_seconds, or make the stage faster"}
-        for pod in reversed(pods):
+        failed_first = [p for p in pods if any(s.state and s.state.terminated and s.state.terminated.exit_code
+                                               for s in (p.status.container_statuses or [] if p.status else []))]
+        for pod in reversed([p for p in pods if p not in failed_first] + failed_first):
             if pod.status and pod.status.reason == "Evicted":
                 return {"error": f"pod {pod.metadata.name} was evicted: {pod.status.message}",
                         "hint": "free resources on the node, or set backends.k8s.memory/cpu requests"}
@@ -695,6 +793,75 @@ class _JobWatcher:
         last = [e.message for e in events.items if e.type == "Warning"][-1:] or ["no warning event"]
         return {"error": f"pod {pod.metadata.name} did not start within {timeout:g}s: {last[0][:300]}",
                 "hint": f"kubectl -n {self.kube.namespace} describe pod {pod.metadata.name}"}
+
+
+class _TFJobWatcher(_JobWatcher):
+    """The same for a TFJob: its replica pods, its ``Succeeded``/``Failed`` conditions (set by the operator)."""
+
+    pod_label = TFJOB_LABEL
+    container = "tensorflow"
+    done = "Succeeded"
+    several_pods = True
+
+    def prefix(self, pod: str) -> str:
+        replica = pod[len(self.name) + 1:] if pod.startswith(self.name + "-") else pod
+        return "" if replica == "chief-0" else f"{replica}: "
+
+    def _failure(self, condition: Any) -> dict[str, Any]:
+        """The failed replica's exit code: the operator may say Failed before the kubelet's pod status
+        (the exit code) reaches us, so look again for a few seconds before falling back to its message."""
+        core, ns = self.kube.core(), self.kube.namespace
+        for _ in range(50):
+            listing = self.kube.call("list pods", core.list_namespaced_pod, ns,
+                                     label_selector=f"{self.pod_label}={self.name}")
+            for pod in listing.items:
+                self.pods[pod.metadata.name] = pod
+            if any(s.state and s.state.terminated and s.state.terminated.exit_code
+                   for p in listing.items for s in (p.status.container_statuses or [] if p.status else [])):
+                break
+            time.sleep(0.2)
+        outcome = super()._failure(condition)
+        if "error" in outcome:
+            outcome["error"] = outcome["error"].replace(f"job {self.name}", f"tfjob {self.name}", 1)
+            outcome["hint"] = f"kubectl -n {ns} describe tfjob {self.name}; full log: {self.run.log_path}"
+        return outcome
+
+    def _read_job(self, batch: Any, ns: str) -> Any:
+        """The TFJob as an object like a Job (``.status.conditions``); a TFJob no operator has picked up
+        (no condition at all) within ``start_timeout`` fails the stage."""
+        from kubernetes import client
+
+        custom = client.CustomObjectsApi(self.kube.connect())
+        ended = any(p.status is not None and p.status.phase in ("Succeeded", "Failed") for p in self.pods.values())
+        deadline = time.monotonic() + (3.0 if ended else 0.0)
+        while True:
+            raw = self.kube.call(f"read tfjob {self.name}", custom.get_namespaced_custom_object, TFJOB_GROUP,
+                                 TFJOB_VERSION, ns, "tfjobs", self.name, not_found=None)
+            if raw is None:
+                return None
+            conditions = [_Condition(c) for c in (raw.get("status") or {}).get("conditions") or []]
+            job = _Obj(status=_Obj(conditions=conditions))
+            if _job_condition(job, self.done) or _job_condition(job, "Failed") or time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
+        timeout = float(self.backend.setting("start_timeout"))
+        if not conditions and time.monotonic() - self.started > timeout:
+            raise StageFailed(f"stage {self.run.stage}: no training operator picked up tfjob {self.name} within "
+                              f"{timeout:g}s (it has no status)",
+                              hint="is the Kubeflow training operator running with the tfjob scheme? "
+                                   "(test cluster: make tfjob-operator)")
+        return job
+
+
+class _Obj:
+    def __init__(self, **fields: Any) -> None:
+        self.__dict__.update(fields)
+
+
+class _Condition(_Obj):
+    def __init__(self, raw: dict[str, Any]) -> None:
+        super().__init__(type=raw.get("type"), status=raw.get("status"), reason=raw.get("reason"),
+                         message=raw.get("message"))
 
 
 @hookimpl

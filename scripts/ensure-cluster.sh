@@ -480,6 +480,7 @@ stale() {  # pid files, but none of their processes: the cluster was killed, not
 teardown() {
   local c bin
   bin="$(ls -1t "$CACHE"/k8s/*/kube-all 2>/dev/null | head -n 1 || true)"
+  "$(dirname "$0")/ensure-tfjob-operator.sh" down >/dev/null 2>&1 || true   # started beside the control plane
   say "stopping kubelet and kube-proxy"
   stop_component kubelet
   stop_component kube-proxy

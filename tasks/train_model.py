@@ -8,6 +8,7 @@ TRAIN_MODEL = Stage(
     code=("train_model.py", "common.py"),
     inputs=(("MNIST_DATA_DIR", "data"),),
     output="MNIST_MODELS_DIR",
+    replicas="workers",
     doc="train the 256-64 DNN classifier and export it as a SavedModel",
 )
 

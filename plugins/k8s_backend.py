@@ -730,9 +730,14 @@ class _JobWatcher:
             return {"error": f"job {self.name} ran past backends.k8s.active_deadline_seconds="
                              f"{self.backend.setting('active_deadline_seconds')} (DeadlineExceeded)",
                     "hint": "raise backends.k8s.active_deadline_seconds, or make the stage faster"}
-        failed_first = [p for p in pods if any(s.state and s.state.terminated and s.state.terminated.exit_code
-                                               for s in (p.status.container_statuses or [] if p.status else []))]
-        for pod in reversed([p for p in pods if p not in failed_first] + failed_first):
+        def failed_at(pod: Any) -> Any:  # when its first container failed (None: none failed)
+            ends = [s.state.terminated.finished_at for s in (pod.status.container_statuses or [] if pod.status else [])
+                    if s.state and s.state.terminated and s.state.terminated.exit_code]
+            return min((e for e in ends if e is not None), default=None) if ends else None
+
+        # the replica that failed first is the cause (a TFJob's operator then kills the others, exit 137)
+        failed = sorted((p for p in pods if failed_at(p) is not None), key=failed_at)
+        for pod in failed + [p for p in reversed(pods) if p not in failed]:
             if pod.status and pod.status.reason == "Evicted":
                 return {"error": f"pod {pod.metadata.name} was evicted: {pod.status.message}",
                         "hint": "free resources on the node, or set backends.k8s.memory/cpu requests"}

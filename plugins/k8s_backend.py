@@ -490,7 +490,8 @@ class KubeBackend(Backend):
         from mlflowctl_plugins.pvc_store import RBAC_RULES as STORE_RULES
 
         merged: dict[tuple[str, str], set[str]] = {}
-        for group, resource, verbs in [*RBAC_RULES, *STORE_RULES, *SERVING_RULES]:
+        tfjobs = [(TFJOB_GROUP, "tfjobs", ("create", "get", "list", "watch", "delete"))]  # stages with workers > 1
+        for group, resource, verbs in [*RBAC_RULES, *STORE_RULES, *SERVING_RULES, *tfjobs]:
             merged.setdefault((group, resource), set()).update(verbs)
         rules = [{"apiGroups": [g], "resources": [r], "verbs": sorted(v)} for (g, r), v in sorted(merged.items())]
         return [

@@ -25,7 +25,12 @@ export PATH="$PATH:/usr/local/go/bin"
 
 say() { printf '%s: %s\n' "$me" "$*"; }
 die() { printf '%s: ERROR: %s\n' "$me" "$*" >&2; exit 1; }
-running() { local p; p="$(cat "$PIDFILE" 2>/dev/null)" || return 1; [ -n "$p" ] && kill -0 "$p" 2>/dev/null; }
+running() {  # a live process (a killed one can linger as a zombie until init reaps it: that is not running)
+  local p st; p="$(cat "$PIDFILE" 2>/dev/null)" || return 1
+  [ -n "$p" ] && kill -0 "$p" 2>/dev/null || return 1
+  st="$(awk '{print $3}' "/proc/$p/stat" 2>/dev/null)" || return 1
+  [ "$st" != "Z" ] && [ "$st" != "X" ]
+}
 kubectl_() { kubectl --kubeconfig "$KUBECONFIG_ADMIN" --request-timeout=10s "$@"; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 

@@ -351,21 +351,8 @@ class KubeBackend(Backend):
                 log.line(f"job {name} submitted (namespace {ns}, image {image})")
             else:
                 log.line(f"adopting job {name}, submitted by an earlier run")
-            watcher = _JobWatcher(self, run, name, log, started)
-            try:
-                outcome = watcher.wait()
-            except KeyboardInterrupt:
-                watcher.stop_logs()
-                self._delete(name, wait=True)
-                raise Cancelled(f"stage {run.stage} interrupted; job {name} deleted") from None
-            except BaseException:
-                watcher.stop_logs()
-                self._delete(name, wait=True)
-                raise
-            finally:
-                watcher.stop_logs(join=True)
-            if not self.setting("keep_jobs"):
-                self._delete(name, wait=False)  # finished pods go with the Job (background deletion)
+            outcome = self._watch(_JobWatcher(self, run, name, log, started), "job",
+                                  lambda wait: self._delete(name, wait=wait))
         detail = {"job": name, "namespace": ns, "image": image, "pod": outcome.get("pod", "")}
         if outcome.get("error"):
             raise StageFailed(f"stage {run.stage}: {outcome['error']}", hint=outcome.get("hint") or
@@ -392,27 +379,33 @@ class KubeBackend(Backend):
                                        "make tfjob-operator), or set the stage's replica count to 1")
             log.line(f"tfjob {name} submitted (namespace {ns}, image {image}, chief + {run.replicas - 1} "
                      f"worker{'s' if run.replicas > 2 else ''})")
-            watcher = _TFJobWatcher(self, run, name, log, started)
-            try:
-                outcome = watcher.wait()
-            except KeyboardInterrupt:
-                watcher.stop_logs()
-                self._delete_tfjob(name, wait=True)
-                raise Cancelled(f"stage {run.stage} interrupted; tfjob {name} deleted") from None
-            except BaseException:
-                watcher.stop_logs()
-                self._delete_tfjob(name, wait=True)
-                raise
-            finally:
-                watcher.stop_logs(join=True)
-            if not self.setting("keep_jobs"):
-                self._delete_tfjob(name, wait=False)
+            outcome = self._watch(_TFJobWatcher(self, run, name, log, started), "tfjob",
+                                  lambda wait: self._delete_tfjob(name, wait=wait))
         detail = {"tfjob": name, "namespace": ns, "image": image, "pod": outcome.get("pod", ""),
                   "replicas": run.replicas}
         if outcome.get("error"):
             raise StageFailed(f"stage {run.stage}: {outcome['error']}", hint=outcome.get("hint") or
                               f"full log: {run.log_path}; kubectl -n {ns} describe tfjob {name}")
         return StageResult(int(outcome["exit_code"]), time.monotonic() - started, run.log_path, detail)
+
+    def _watch(self, watcher: Any, kind: str, delete: Any) -> dict[str, Any]:
+        """Wait for the watcher's outcome; on Ctrl-C or any error delete the job and its pods (waiting for
+        them), once done delete it in the background unless ``keep_jobs``."""
+        try:
+            outcome = watcher.wait()
+        except KeyboardInterrupt:
+            watcher.stop_logs()
+            delete(True)
+            raise Cancelled(f"stage {watcher.run.stage} interrupted; {kind} {watcher.name} deleted") from None
+        except BaseException:
+            watcher.stop_logs()
+            delete(True)
+            raise
+        finally:
+            watcher.stop_logs(join=True)
+        if not self.setting("keep_jobs"):
+            delete(False)  # finished pods go with it (background deletion)
+        return outcome
 
     def _delete_tfjob(self, name: str, wait: bool = False, timeout: float = 30.0) -> None:
         """Delete the TFJob and its pods (grace 0); the operator's Services go with it (owner references)."""

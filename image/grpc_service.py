@@ -24,6 +24,8 @@ from tensorflow import as_dtype, make_ndarray
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc  # imports TensorFlow
 
+from serve_errors import INTERNAL_ERROR
+
 log = logging.getLogger("serve")
 
 STATE_ENUM = {"UNKNOWN": 0, "START": 10, "LOADING": 20, "AVAILABLE": 30, "UNLOADING": 40, "END": 50}
@@ -148,7 +150,7 @@ class _Handler:
         status = getattr(exc, "status", None)
         if status is None:
             log.exception("internal error in gRPC %s", endpoint)
-            message = f"internal error: {type(exc).__name__}: {exc}"
+            message = INTERNAL_ERROR  # never the exception's text: it is in the server log
         else:
             message = exc.message  # type: ignore[attr-defined]
         code = _grpc_code(status or 500)

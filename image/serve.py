@@ -77,6 +77,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import serve_engine  # noqa: E402
 from batching import BatchConfig  # noqa: E402
 from serve_app import App  # noqa: E402
+from serve_http import Guard  # noqa: E402
+from serve_limits import (DEFAULT_IDLE_TIMEOUT, DEFAULT_LIMIT_CONCURRENCY, DEFAULT_MAX_HEADER_BYTES,  # noqa: E402
+                          connection_budget, limited, protocol_class)
 from serve_metrics import Metrics  # noqa: E402
 from serve_model import Model  # noqa: E402
 
@@ -126,6 +129,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="port of TF Serving's gRPC API (PredictionService, ModelService); 0 turns gRPC off")
     p.add_argument("--grpc-host", default=os.environ.get("GRPC_HOST") or None,
                    help="address the gRPC API listens on (default: --host)")
+    p.add_argument("--allowed-hosts", default=os.environ.get("ALLOWED_HOSTS", ""), metavar="LIST",
+                   help="comma list of extra Host names to accept (NAME, .SUFFIX, or * for any); IP literals, "
+                        "localhost, single-label and *.svc / *.cluster.local names are always accepted")
+    p.add_argument("--allowed-origins", default=os.environ.get("ALLOWED_ORIGINS", ""), metavar="LIST",
+                   help="comma list of browser Origins whose POSTs are accepted (default none: this server "
+                        "serves no web page; * for any)")
+    p.add_argument("--max-header-bytes", type=int, default=int(os.environ.get("MAX_HEADER_BYTES", DEFAULT_MAX_HEADER_BYTES)),
+                   help="largest request head (request line + headers) accepted; larger: 431 and the connection "
+                        "is closed")
+    p.add_argument("--idle-timeout", type=float, default=float(os.environ.get("IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT)),
+                   metavar="SECONDS", help="close a connection with no request in progress after SECONDS (also a "
+                                           "request head that arrives too slowly)")
+    p.add_argument("--limit-concurrency", type=int,
+                   default=int(os.environ.get("LIMIT_CONCURRENCY", DEFAULT_LIMIT_CONCURRENCY)), metavar="N",
+                   help="at most N open connections: a new one closes the one idle longest; a request while N are "
+                        "busy gets 503 (lowered to what the fd limit allows)")
     BatchConfig.add_arguments(p)
     p.add_argument("--http", default="auto", choices=["auto", "httptools", "h11"],
                    help="uvicorn HTTP parser (auto: httptools when installed)")
@@ -140,6 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     routing_path = Path(args.routing).resolve() if args.routing else None
     if args.max_body_bytes < 1024:
         raise SystemExit("serve: --max-body-bytes must be at least 1024")
+    if args.max_header_bytes < 1024:
+        raise SystemExit("serve: --max-header-bytes must be at least 1024")
+    if not args.idle_timeout > 0:
+        raise SystemExit("serve: --idle-timeout must be a number of seconds above 0")
+    if args.limit_concurrency < 2:
+        raise SystemExit("serve: --limit-concurrency must be at least 2")
     if not 0 <= args.grpc_port <= 65535:
         raise SystemExit("serve: --grpc-port must be between 0 (gRPC off) and 65535")
     try:
@@ -180,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         from grpc_service import GrpcServer
 
         grpc_server = GrpcServer(None, grpc_host, args.grpc_port, args.max_body_bytes)
-    app = App(model, metrics, args.max_body_bytes, grpc_server)
+    guard = Guard(args.allowed_hosts.split(","), args.allowed_origins.split(","))
+    app = App(model, metrics, args.max_body_bytes, grpc_server, guard)
     # TensorFlow leaves ~10^6 long-lived objects: a full collection walking them stalls the event loop for
     # tens of ms. Freezing what exists now keeps them out of every later collection.
     gc.collect()
@@ -188,10 +214,14 @@ def main(argv: list[str] | None = None) -> int:
     if grpc_server is not None:
         grpc_server.app = app
     app.watch_routing = args.watch_routing
+    app.body_timeout = args.idle_timeout
 
-    config = uvicorn.Config(app, loop=args.loop, http=args.http, lifespan="on", access_log=False,
+    max_connections = connection_budget(args.limit_concurrency)
+    protocol = limited(protocol_class(args.http), args.max_header_bytes, args.idle_timeout, max_connections)
+    config = uvicorn.Config(app, loop=args.loop, http=protocol, lifespan="on", access_log=False,
                             log_level="warning", server_header=False, date_header=False,
-                            timeout_graceful_shutdown=5, backlog=1024)
+                            timeout_graceful_shutdown=5, backlog=1024, limit_concurrency=max_connections + 1,
+                            h11_max_incomplete_event_size=args.max_header_bytes)
     host_url = f"[{args.host}]" if ":" in args.host else args.host
 
     class Server(uvicorn.Server):

@@ -23,8 +23,8 @@ import serve_v2
 from batching import QueueFull
 from serve_decode import conform
 from serve_engine import Signature, Version
-from serve_errors import ApiError, bad, not_found
-from serve_http import Raw, Request, read_body, send_json, send_raw
+from serve_errors import INTERNAL_ERROR, ApiError, bad, not_found
+from serve_http import Guard, Raw, Request, read_body, send_json, send_raw
 from serve_metrics import Metrics
 from serve_model import Model
 
@@ -87,10 +87,12 @@ class App:
     not_found = staticmethod(not_found)
     conform = staticmethod(conform)
 
-    def __init__(self, model: Model, metrics: Metrics, max_body: int, grpc: Any = None):
+    def __init__(self, model: Model, metrics: Metrics, max_body: int, grpc: Any = None, guard: Guard | None = None):
         self.model = model
         self.metrics = metrics
         self.max_body = max_body
+        self.guard = guard or Guard()  # Host / Origin checks
+        self.body_timeout: float | None = None  # seconds a request body may stall (serve.py: --idle-timeout)
         self.grpc = grpc  # grpc_service.GrpcServer, started and stopped with the lifespan
         self.ready = False
         self.watch_routing = 0.0  # seconds between checks of the routing file (--watch-routing), 0: off
@@ -178,9 +180,10 @@ class App:
         path = scope["path"]
         endpoint, version = "other", ""
         try:
+            self.guard.check(scope["headers"], method)
             if method == "POST":
                 test = (b"x-mlflowctl-traffic", b"test") in scope["headers"]
-                req = Request(scope, await read_body(scope, receive, self.max_body), test)
+                req = Request(scope, await read_body(scope, receive, self.max_body, self.body_timeout), test)
             else:
                 req = Request(scope)
             for route in ROUTES:
@@ -197,10 +200,10 @@ class App:
         except ApiError as exc:
             status = exc.status
             await send_json(send, status, {"error": exc.message}, exc.headers)
-        except Exception as exc:  # noqa: BLE001 - the server keeps serving whatever happens
+        except Exception:  # noqa: BLE001 - the server keeps serving whatever happens
             status = 500
-            log.exception("internal error on %s %s", method, path)
-            await send_json(send, 500, {"error": f"internal error: {type(exc).__name__}: {exc}"})
+            log.exception("internal error on %s %s", method, path[:200])
+            await send_json(send, 500, {"error": INTERNAL_ERROR})  # never the exception's text
         self.metrics.request(endpoint, version, status, time.perf_counter() - t0)
 
     def no_route(self, path: str, method: str) -> ApiError:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from serve_errors import bad, not_found
+from serve_paths import MAX_VERSION_DIGITS, parse_version
 
 RING_SIZE = 10_000
 RECENT_CAP = 5_000
@@ -42,23 +43,57 @@ class Threshold:
     train_counts: list[int] | None
 
 
+class DriftUnavailable(ValueError):
+    """A version ships a concept model that cannot score drift: it is refused, never served with drift
+    silently off (state END, error code FAILED_PRECONDITION, this message)."""
+
+
 def read_threshold(cdir: Path) -> Threshold:
-    """``<cdir>/threshold.json``; raises ValueError/OSError/KeyError/TypeError when it is unusable."""
-    info = json.loads((cdir / "threshold.json").read_text())
-    threshold = float(info["threshold"])
-    if not math.isfinite(threshold):
-        raise ValueError("threshold is not finite")
+    """``<cdir>/threshold.json``, checked: raises DriftUnavailable when it is missing or absurd.
+
+    Absurd: not valid JSON, no number ``threshold``, not finite, not above 0 (errors are squared
+    distances), or outside the training histogram it comes with (the threshold is a quantile of those
+    same training errors); a ``quantile`` that is not in (0, 1]."""
+    where = f"{cdir.parent.name}/{cdir.name}/threshold.json"
+    try:
+        raw = (cdir / "threshold.json").read_bytes()
+    except FileNotFoundError:
+        raise DriftUnavailable(f"{where} is missing: drift scoring cannot run (re-run the concept stage "
+                               f"and register the version again)") from None
+    except OSError as exc:
+        raise DriftUnavailable(f"{where} cannot be read ({exc.strerror or exc}): drift scoring cannot run") from None
+    try:
+        info = json.loads(raw[:1_000_000]) if len(raw) <= 1_000_000 else None
+    except (ValueError, RecursionError):
+        info = None
+    if not isinstance(info, dict):
+        raise DriftUnavailable(f"{where} is not a JSON object of at most 1 MB: drift scoring cannot run")
+    value = info.get("threshold")
+    try:
+        threshold = math.nan if isinstance(value, bool) or not isinstance(value, (int, float)) else float(value)
+    except OverflowError:  # an integer beyond float range
+        threshold = math.inf
+    if not math.isfinite(threshold) or threshold <= 0:
+        raise DriftUnavailable(f"{where}: 'threshold' is {str(value)[:40]!r}, not a finite number above 0: "
+                               f"drift scoring cannot run")
     edges = counts = None
-    hist = info.get("histogram") or {}
+    hist = info.get("histogram")
+    hist = hist if isinstance(hist, dict) else {}
     try:
         e = np.asarray(hist.get("edges", []), dtype=np.float64)
         c = [int(x) for x in hist.get("counts", [])]
         if e.ndim == 1 and e.size >= 2 and len(c) == e.size - 1 and np.all(np.diff(e) > 0):
             edges, counts = e, c
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         pass
+    if edges is not None and not edges[0] <= threshold <= edges[-1]:
+        raise DriftUnavailable(f"{where}: 'threshold' {threshold:g} lies outside its own training histogram "
+                               f"[{edges[0]:g}, {edges[-1]:g}]: drift scoring cannot run")
     q = info.get("quantile")
-    return Threshold(threshold, float(q) if isinstance(q, (int, float)) else None, edges, counts)
+    if q is not None and (isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q <= 1):
+        raise DriftUnavailable(f"{where}: 'quantile' is {str(q)[:40]!r}, not a number in (0, 1]: "
+                               f"drift scoring cannot run")
+    return Threshold(threshold, float(q) if q is not None else None, edges, counts)
 
 
 @dataclass
@@ -118,8 +153,8 @@ def report(model: Any, path: str, query: bytes) -> tuple[int, Any]:
     params = dict(urllib.parse.parse_qsl(query.decode("latin-1")))
     version = params.get("version")
     label = params.get("label")
-    if version is not None and not version.isdigit():
-        raise bad("'version' must be an integer")
+    if version is not None and parse_version(version) is None:
+        raise bad(f"'version' must be a version number (ASCII digits, at most {MAX_VERSION_DIGITS})")
     v = model.select(name, version, label) if (version or label) else (model.check_name(name) or model.default)
     per_version = {
         x.label: {"scored": x.drift.scored, "outliers": x.drift.outliers,

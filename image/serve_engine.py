@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from batching import Batcher
-from serve_drift import Concept, DriftWindow, read_threshold
+from serve_drift import Concept, DriftUnavailable, DriftWindow, read_threshold
 from serve_errors import bad
 
 log = logging.getLogger("serve")
@@ -275,23 +275,23 @@ def _signature_defs(model_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _load_concept(version_dir: Path) -> tuple[Any, Concept] | None:
+    """The version's concept (drift) model: None when the version has no ``concept/`` folder; a
+    ``concept/`` that cannot score drift refuses the version (DriftUnavailable), so no version is
+    ever served with drift scoring silently off."""
     cdir = version_dir / "concept"
+    if not cdir.is_dir():
+        return None
+    where = f"{version_dir.name}/concept"
     if not (cdir / "saved_model.pb").is_file():
-        return None
-    tf = _tf()
-    try:
-        th = read_threshold(cdir)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        log.warning("version %s: concept model ignored, bad threshold.json: %s", version_dir.name, exc)
-        return None
-    loaded = tf.saved_model.load(str(cdir))
+        raise DriftUnavailable(f"{where}/saved_model.pb is missing: drift scoring cannot run")
+    th = read_threshold(cdir)
+    loaded = _tf().saved_model.load(str(cdir))
     if "serving_default" not in loaded.signatures:
-        log.warning("version %s: concept model has no serving_default signature; drift scoring off", version_dir.name)
-        return None
+        raise DriftUnavailable(f"{where}: the concept model has no serving_default signature: drift scoring cannot run")
     sig = _signature("serving_default", loaded.signatures["serving_default"])
     if len(sig.outputs) != 1 or sig.single_input is None:
-        log.warning("version %s: concept model must have one input and one output; drift scoring off", version_dir.name)
-        return None
+        raise DriftUnavailable(f"{where}: the concept model must have one input and one output: "
+                               f"drift scoring cannot run")
     return loaded, Concept(sig, th.threshold, th.quantile, th.edges, th.train_counts)
 
 

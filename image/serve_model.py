@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from batching import BatchConfig, Batcher
+from serve_drift import DriftUnavailable
 from serve_engine import Version, _warm_up, load_version
 from serve_errors import not_found
+from serve_paths import parse_version, shown
 
 log = logging.getLogger("serve")
 
@@ -28,7 +30,8 @@ def scan_versions(base: Path) -> list[int]:
         names = os.listdir(base)
     except OSError:
         return []
-    return sorted(int(n) for n in names if n.isdigit() and (base / n / "saved_model.pb").is_file())
+    found = ((parse_version(n, canonical=True), n) for n in names)
+    return sorted(v for v, n in found if v is not None and (base / n / "saved_model.pb").is_file())
 
 
 @dataclass
@@ -66,7 +69,7 @@ def read_routing(path: Path | None, base: Path) -> Routing:
         raise ValueError(f"routing file {path}: 'canary_weight' must be a number between 0 and 1")
     batching = data.get("batching") or {}
     if not isinstance(batching, dict) or not all(
-        isinstance(k, str) and k.isdigit() and isinstance(v, bool) for k, v in batching.items()
+        isinstance(k, str) and parse_version(k) is not None and isinstance(v, bool) for k, v in batching.items()
     ):
         raise ValueError(f"routing file {path}: 'batching' must map version numbers (as strings) to true or false")
     return Routing(sorted(set(versions)), dict(labels), float(weight), True, {int(k): v for k, v in batching.items()})
@@ -112,8 +115,12 @@ class Model:
                 try:
                     versions[n] = load_version(self.base, n)
                 except Exception as exc:  # noqa: BLE001 - a broken version must not take the server down
-                    code = "NOT_FOUND" if isinstance(exc, FileNotFoundError) else "UNKNOWN"
-                    self._set_state(n, VersionState("END", code, f"{type(exc).__name__}: {exc}".splitlines()[0][:500]))
+                    if isinstance(exc, DriftUnavailable):
+                        code, text = "FAILED_PRECONDITION", str(exc)
+                    else:
+                        code = "NOT_FOUND" if isinstance(exc, FileNotFoundError) else "UNKNOWN"
+                        text = f"{type(exc).__name__}: {exc}"
+                    self._set_state(n, VersionState("END", code, text.splitlines()[0][:500]))
                     log.error("version %d of %s could not be loaded: %s", n, self.name, self.states[n].error_message)
                     continue
                 v = versions[n]
@@ -182,12 +189,12 @@ class Model:
         if name != self.name:
             self.check_name(name)
         if version is not None:
-            try:
-                v = self.versions[int(version)]
-            except (KeyError, ValueError):
-                st = self.states.get(int(version)) if version.isdigit() else None
+            number = parse_version(version)
+            v = self.versions.get(number) if number is not None else None
+            if v is None:
+                st = self.states.get(number) if number is not None else None
                 why = f" (state {st.state}{': ' + st.error_message if st.error_message else ''})" if st else ""
-                raise not_found(f"Servable not found for request: Specific({name}, {version}){why}") from None
+                raise not_found(f"Servable not found for request: Specific({name}, {shown(version)}){why}") from None
             return v
         if label is not None:
             v = self.label_map.get(label)

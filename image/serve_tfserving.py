@@ -13,6 +13,7 @@ import numpy as np
 from serve_decode import parse_json, to_array
 from serve_engine import Signature
 from serve_model import VersionState
+from serve_paths import MAX_VERSION_DIGITS, parse_version, shown
 from serve_errors import bad, not_found
 
 def decode_tfserving(body: Any, sig: Signature) -> tuple[dict[str, np.ndarray], bool]:
@@ -72,8 +73,9 @@ def _parse(path: str) -> tuple[str, str | None, str | None, list[str]]:
     version = label = None
     if len(rest) >= 2 and rest[0] == "versions":
         version, rest = rest[1], rest[2:]
-        if not version.isdigit():
-            raise not_found(f"malformed request: version '{version}' is not an integer")
+        if parse_version(version) is None:
+            raise not_found(f"malformed request: version '{shown(version)}' is not a version number "
+                            f"(ASCII digits, at most {MAX_VERSION_DIGITS})")
     elif len(rest) >= 2 and rest[0] == "labels":
         label, rest = rest[1], rest[2:]
     if not name:

@@ -19,6 +19,7 @@ from serve_decode import conform, parse_json, to_array
 from serve_engine import DTYPES, TensorSig
 from serve_errors import bad, not_found
 from serve_http import Raw
+from serve_paths import MAX_VERSION_DIGITS, parse_version, shown
 
 SERVER_NAME = "mlflowctl-model-server"
 SERVER_VERSION = "0.1.0"
@@ -31,8 +32,9 @@ def _parse(path: str) -> tuple[str, str | None, list[str]]:
     version = None
     if len(rest) >= 2 and rest[0] == "versions":
         version, rest = rest[1], rest[2:]
-        if not version.isdigit():
-            raise not_found(f"version '{version}' of model '{name}' not found (versions are integers)")
+        if parse_version(version) is None:
+            raise not_found(f"version '{shown(version)}' of model '{shown(name)}' not found (versions are "
+                            f"ASCII integers of at most {MAX_VERSION_DIGITS} digits)")
     return name, version, rest
 
 

@@ -31,6 +31,14 @@ class ModelVersion:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+def version_number(name: str) -> int | None:
+    """A version folder's number: ASCII digits, at most 18, no leading zero; else None (``²``, ``١``,
+    ``01``, 5000 digits are not versions). The model server's scan (image/serve_paths.py) reads the same."""
+    if 0 < len(name) <= 18 and name.isascii() and name.isdigit() and (name == "0" or name[0] != "0"):
+        return int(name)
+    return None
+
+
 class ModelRegistry:
     """Versions, labels and verdicts of one model name in one store."""
 
@@ -40,7 +48,7 @@ class ModelRegistry:
         self.base = f"models/{name}"
 
     def numbers(self) -> list[int]:
-        return sorted(int(n) for n in self.store.list(self.base) if n.isdigit())
+        return sorted(n for n in map(version_number, self.store.list(self.base)) if n is not None)
 
     def get(self, number: int) -> ModelVersion:
         path = f"{self.base}/{number}"

@@ -145,3 +145,21 @@ def running_server(name: str, base: Path, routing: Path, log: Path, extra: list[
         yield server
     finally:
         server.stop()
+
+
+def post(srv, path: str, body, **kw):
+    """POST ``body`` (JSON-encoded unless bytes/str) to a running server's ``srv.session``."""
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return srv.session.post(srv.url + path, data=data, timeout=10, **kw)
+
+
+def get(srv, path: str, **kw):
+    return srv.session.get(srv.url + path, timeout=10, **kw)
+
+
+def assert_error(r, status: int, needle: str = ""):
+    """``r`` is a ``{"error": message}`` answer with ``status``, its message containing ``needle``."""
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    assert set(body) == {"error"} and isinstance(body["error"], str) and body["error"], body
+    assert needle.lower() in body["error"].lower(), body["error"]

@@ -28,6 +28,7 @@ pytest.importorskip("prometheus_client")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serving_fixtures as fx  # noqa: E402
+from serving_fixtures import assert_error, get, post  # noqa: E402
 
 NAME = "mnist"
 BLANK = [0.0] * 784
@@ -52,24 +53,8 @@ def server(registry, tmp_path_factory):
         yield srv
 
 
-def post(srv, path: str, body, **kw):
-    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return srv.session.post(srv.url + path, data=data, timeout=10, **kw)
-
-
-def get(srv, path: str, **kw):
-    return srv.session.get(srv.url + path, timeout=10, **kw)
-
-
 def argmaxes(preds):
     return [max(range(len(p)), key=p.__getitem__) for p in preds]
-
-
-def assert_error(r, status: int, needle: str = ""):
-    assert r.status_code == status, (r.status_code, r.text)
-    body = r.json()
-    assert set(body) == {"error"} and isinstance(body["error"], str) and body["error"], body
-    assert needle.lower() in body["error"].lower(), body["error"]
 
 
 def set_routing(srv, versions, labels=None, weight=0.0):

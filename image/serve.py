@@ -24,6 +24,14 @@ HTTP surface (all JSON errors are ``{"error": "<message>"}``):
   With the binary tensor extension (``Inference-Header-Content-Length``; v2_binary.py).
 * ``GET /metrics`` (Prometheus), ``GET /monitor/v1/models/{m}/drift`` (JSON for the monitor).
 
+Limits and checks (serve_limits.py, serve_http.Guard): request heads over ``--max-header-bytes``
+get 431; a connection with no request in progress for ``--idle-timeout`` seconds is closed, and a
+body stalled that long gets 408; beyond ``--limit-concurrency`` connections the longest-idle one is
+closed, and with that many busy a request gets 503. ``Host`` must be an IP literal, a loopback,
+single-label or in-cluster name, or listed in ``--allowed-hosts``; a POST with an ``Origin`` (a web
+page's) is refused unless listed in ``--allowed-origins``. 5xx bodies never carry exception text.
+A version whose ``concept/`` cannot score drift (threshold.json missing or absurd) is refused.
+
 gRPC (``--grpc-port``, 8500 by default, 0 = off): TF Serving's ``PredictionService`` (Predict,
 GetModelMetadata) and ``ModelService`` (GetModelStatus) on the same event loop (grpc_service.py).
 Dynamic batching (``--batching on``, or per version in the routing file's ``"batching"``):
@@ -214,7 +222,6 @@ def main(argv: list[str] | None = None) -> int:
     if grpc_server is not None:
         grpc_server.app = app
     app.watch_routing = args.watch_routing
-    app.body_timeout = args.idle_timeout
 
     max_connections = connection_budget(args.limit_concurrency)
     protocol = limited(protocol_class(args.http), args.max_header_bytes, args.idle_timeout, max_connections)

@@ -92,7 +92,6 @@ class App:
         self.metrics = metrics
         self.max_body = max_body
         self.guard = guard or Guard()  # Host / Origin checks
-        self.body_timeout: float | None = None  # seconds a request body may stall (serve.py: --idle-timeout)
         self.grpc = grpc  # grpc_service.GrpcServer, started and stopped with the lifespan
         self.ready = False
         self.watch_routing = 0.0  # seconds between checks of the routing file (--watch-routing), 0: off
@@ -183,7 +182,7 @@ class App:
             self.guard.check(scope["headers"], method)
             if method == "POST":
                 test = (b"x-mlflowctl-traffic", b"test") in scope["headers"]
-                req = Request(scope, await read_body(scope, receive, self.max_body, self.body_timeout), test)
+                req = Request(scope, await read_body(scope, receive, self.max_body), test)
             else:
                 req = Request(scope)
             for route in ROUTES:

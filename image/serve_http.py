@@ -6,7 +6,6 @@ headers, the body, the traffic class); nothing per request lives on the app obje
 """
 from __future__ import annotations
 
-import asyncio
 from typing import Any, Callable
 
 import orjson
@@ -40,19 +39,9 @@ class Raw:
         self.headers = headers
 
 
-async def _next(receive: Callable, timeout: float | None) -> dict:
-    if timeout is None:
-        return await receive()
-    try:
-        async with asyncio.timeout(timeout):
-            return await receive()
-    except TimeoutError:
-        raise ApiError(408, f"the request body stalled: nothing arrived for {timeout:g} s") from None
-
-
-async def read_body(scope: dict, receive: Callable, limit: int, timeout: float | None = None) -> bytes:
-    """The request body, or a 413 as soon as it is known to exceed ``limit`` bytes, or a 408 when
-    nothing of it arrives for ``timeout`` seconds (a slowly trickling body holds a connection slot)."""
+async def read_body(scope: dict, receive: Callable, limit: int) -> bytes:
+    """The request body, or a 413 as soon as it is known to exceed ``limit`` bytes (a body that
+    stalls is answered 408 by the connection layer, serve_limits.py)."""
     for name, value in scope["headers"]:
         if name == b"content-length":
             try:
@@ -62,7 +51,7 @@ async def read_body(scope: dict, receive: Callable, limit: int, timeout: float |
             if n > limit:
                 raise ApiError(413, f"request body of {n} bytes is larger than the limit of {limit} bytes")
             break
-    msg = await _next(receive, timeout)
+    msg = await receive()
     body = msg.get("body", b"")
     if not msg.get("more_body"):
         if len(body) > limit:
@@ -71,7 +60,7 @@ async def read_body(scope: dict, receive: Callable, limit: int, timeout: float |
     chunks = [body]
     size = len(body)
     while msg.get("more_body"):
-        msg = await _next(receive, timeout)
+        msg = await receive()
         if msg["type"] == "http.disconnect":
             raise ApiError(400, "client disconnected")
         body = msg.get("body", b"")
@@ -136,12 +125,12 @@ class Guard:
                     self._seen[host] = ok
             if not ok:
                 raise ApiError(403, f"Host {host[:100].decode('latin-1')!r} is not an allowed host of this server "
-                                    f"(start it with --allowed-hosts NAME to accept it)")
+                                    f"(start it with --allowed-hosts NAME or $ALLOWED_HOSTS to accept it)")
         if origin is not None and method == "POST" and not self.any_origin:
             text = origin.decode("latin-1").strip().lower().rstrip("/")
             if text not in self.origins:
                 raise ApiError(403, f"cross-origin request refused: Origin {text[:100]!r} is not allowed "
-                                    f"(start the server with --allowed-origins ORIGIN to accept it)")
+                                    f"(start the server with --allowed-origins ORIGIN or $ALLOWED_ORIGINS to accept it)")
 
     def host_allowed(self, host: str) -> bool:
         import ipaddress

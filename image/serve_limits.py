@@ -4,7 +4,8 @@
   is answered ``431`` and the connection closed, before the parser buffers more (httptools has no
   limit of its own: one 50 MB header used to cost ~47 MB of memory);
 * an **idle timeout**: a connection with no request in progress for ``idle_timeout`` seconds --
-  one that never sends anything, or sends its head too slowly (slowloris) -- is closed;
+  one that never sends anything, or sends its head too slowly (slowloris) -- is closed, and a
+  request whose body stops arriving for that long is answered ``408`` and closed;
 * **idle eviction**: when ``max_connections`` connections are open, a new one closes the connection
   that has been idle longest, so idle sockets can never starve new clients (they used to pile up to
   the fd limit, after which every new client got a reset);
@@ -72,12 +73,16 @@ def limited(base: type, max_header_bytes: int, idle_timeout: float, max_connecti
                  % max_header_bytes)
     response_431 = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
                     b"content-length: %d\r\nconnection: close\r\n\r\n" % len(too_large)) + too_large
+    stalled = b'{"error":"the request body stalled: nothing arrived for %g s"}' % idle_timeout
+    response_408 = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                    b"content-length: %d\r\nconnection: close\r\n\r\n" % len(stalled)) + stalled
 
     class Limited(base):  # type: ignore[misc, valid-type]
         _head_bytes = 0       # bytes received while no request is in progress (a head arriving)
         _head_parsed = 0      # request line + headers parsed so far (httptools callbacks)
         _head_too_large = False
-        _last_active = 0.0
+        _last_active = 0.0    # when the connection was opened or last answered
+        _last_data = 0.0      # when bytes last arrived
         _idle_timer: asyncio.TimerHandle | None = None
 
         # -- exact count of a head (httptools): a head that completes within one read is counted too
@@ -112,7 +117,7 @@ def limited(base: type, max_header_bytes: int, idle_timeout: float, max_connecti
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
-            self._last_active = self.loop.time()
+            self._last_active = self._last_data = self.loop.time()
             self._idle_timer = self.loop.call_later(idle_timeout, self._check_idle)
             if len(self.connections) > max_connections:
                 self._evict_one()
@@ -136,6 +141,7 @@ def limited(base: type, max_header_bytes: int, idle_timeout: float, max_connecti
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
+            self._last_data = self.loop.time()
             super().data_received(data)
             if self.transport.is_closing():
                 return
@@ -157,10 +163,17 @@ def limited(base: type, max_header_bytes: int, idle_timeout: float, max_connecti
             transport = self.transport
             if transport is None or transport.is_closing():
                 return
+            now = self.loop.time()
             left = idle_timeout
             if not self._busy():
-                left = self._last_active + idle_timeout - self.loop.time()
+                left = self._last_active + idle_timeout - now
                 if left <= 0:
+                    transport.close()
+                    return
+            elif getattr(self.cycle, "more_body", False):  # a request whose body is still arriving
+                left = self._last_data + idle_timeout - now
+                if left <= 0:  # stalled: answer 408 and free the slot (the app sees a disconnect)
+                    transport.write(response_408)
                     transport.close()
                     return
             self._idle_timer = self.loop.call_later(max(left, 0.05), self._check_idle)

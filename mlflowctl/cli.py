@@ -104,26 +104,10 @@ def _project(root: Path, overrides: dict[str, str]) -> Any:
 
 
 def load_pipeline(root: Path, overrides: dict[str, str]) -> Any:
-    """The project's pipeline as ``dodo.py`` declares it, without running doit."""
-    import runpy
+    """The project's pipeline as its ``tasks/`` declare it (the same ``dodo.py`` hands to doit), without doit."""
+    from mlflowctl.pipeline import Pipeline
 
-    from mlflowctl import doit_glue
-    from mlflowctl.errors import ConfigError
-
-    project = _project(root, overrides)
-    doit_glue.use_project(project)
-    dodo = project.root / "dodo.py"
-    if not dodo.is_file():
-        raise ConfigError(f"{dodo}: not found", hint="run mlflowctl from the project folder or pass -C")
-    sys.path.insert(0, str(project.root))
-    try:
-        namespace = runpy.run_path(str(dodo), run_name="dodo")
-    finally:
-        sys.path.remove(str(project.root))
-    for name, creator in namespace.items():
-        if name.startswith("task_") and callable(creator):
-            creator()
-    return doit_glue.pipeline()
+    return Pipeline(_project(root, overrides))
 
 
 def cmd_plugins(root: Path, overrides: dict[str, str], args: Any) -> int:
@@ -161,12 +145,13 @@ def cmd_models(root: Path, overrides: dict[str, str], args: Any) -> int:
     for label, number in labels.items():
         by_number.setdefault(number, []).append(label)
     print(f"model {registry.name} in {project.store.url}")
+    shown = _distinguishing_params([v.metadata.get("params") or {} for v in versions])
     for v in versions:
         metrics = v.metadata.get("metrics", {})
         acc = metrics.get("accuracy")
         acc_text = f"accuracy {acc:.4f}" if isinstance(acc, (int, float)) else "accuracy ?"
         params = v.metadata.get("params", {})
-        param_text = ", ".join(f"{k}={params[k]}" for k in ("learning_rate", "epochs", "steps") if k in params)
+        param_text = ", ".join(f"{k}={params[k]}" for k in shown if k in params)
         verdict = registry.verdict(v.number)
         state = ",".join(sorted(by_number.get(v.number, []))) or verdict.get("state", "registered")
         reason = verdict.get("reason", "")
@@ -174,13 +159,20 @@ def cmd_models(root: Path, overrides: dict[str, str], args: Any) -> int:
     return EXIT_OK
 
 
+def _distinguishing_params(params: list[dict[str, Any]], most: int = 4) -> list[str]:
+    """The scalar params whose values differ between versions (what tells them apart), at most ``most``."""
+    keys = sorted({k for p in params for k, v in p.items() if isinstance(v, (str, int, float, bool))})
+    differing = [k for k in keys if len({repr(p.get(k)) for p in params}) > 1]
+    return differing[:most]
+
+
 def cmd_config(root: Path, overrides: dict[str, str], args: Any) -> int:
     import json
 
-    from mlflowctl.config import full_schema, public
+    from mlflowctl.config import public
 
     project = _project(root, overrides)
-    print(json.dumps(public(project.config.data, full_schema(project.pm.registry)), indent=2, sort_keys=True))
+    print(json.dumps(public(project.config.data, project.config.schema), indent=2, sort_keys=True))
     return EXIT_OK
 
 
@@ -297,7 +289,12 @@ def cmd_report(root: Path, overrides: dict[str, str], args: Any) -> int:
             return {}
 
     endpoint = project.serving.endpoint()
-    test, drift = result("integration_test", "report.json"), result("monitor", "drift.json")
+    from mlflowctl.promotion import REPORT_INPUT, promote_version
+
+    gate = next((up for stage in pipeline.stages.values() if stage.action is promote_version
+                 for env, up in stage.inputs if env == REPORT_INPUT), None)  # the stage whose report promote reads
+    test = result(gate, "report.json") if gate else {}
+    drift = result("monitor", "drift.json")
     print(f"stable:    {project.model_name} version {stable}")
     print(f"endpoint:  {endpoint.predict_url}")
     if test:

@@ -1,5 +1,4 @@
 """Stage ``deploy``: the serving target serves the new version as ``canary`` beside ``stable``."""
-from mlflowctl.doit_glue import stage_task
 from mlflowctl.pipeline import Stage
 from mlflowctl.promotion import deploy_version, deployment_holds
 
@@ -11,7 +10,3 @@ DEPLOY = Stage(
     params="serving",
     doc="serve the registered version (as canary) on the configured serving target",
 )
-
-
-def task_deploy():
-    return stage_task(DEPLOY)

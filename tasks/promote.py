@@ -1,5 +1,4 @@
 """Stage ``promote``: the tested version becomes ``stable`` if it passed; else it is withdrawn."""
-from mlflowctl.doit_glue import stage_task
 from mlflowctl.pipeline import Stage
 from mlflowctl.promotion import promote_version
 
@@ -10,7 +9,3 @@ PROMOTE = Stage(
     params="integration_test",
     doc="promote the version to stable if it passed the integration test, else roll it back",
 )
-
-
-def task_promote():
-    return stage_task(PROMOTE)

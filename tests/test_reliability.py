@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 import mlflowctl
-from mlflowctl.config import load_config
+from conftest import example_stages
+from mlflowctl.config import Setting, load_config
 from mlflowctl.errors import EXIT_CONFIG, ConfigError, MlflowctlError
 from mlflowctl.pipeline import Pipeline, Stage
 from mlflowctl.plugin_manager import build_plugin_manager
@@ -33,11 +34,13 @@ out.mkdir()
 (out / "saved_model.pb").write_text("weights " + os.environ["STAGE_NAME"] + " " + os.environ["LEARNING_RATE"])
 """
 
+SETTINGS = {"learning_rate": Setting(float, 0.001, "step size", min=1e-12, max=10)}
 STAGES = [
     Stage("produce", command=("python", "train.py"), code=("train.py",), output="OUT", params="train_model"),
-    Stage("train_model", command=("python", "train.py"), code=("train.py",), output="OUT", params="train_model"),
+    Stage("train_model", command=("python", "train.py"), code=("train.py",), output="OUT", params="train_model",
+          settings=SETTINGS),
     Stage("train_concept", command=("python", "train.py"), code=("train.py",), output="OUT",
-          params="train_concept"),
+          params="train_concept", settings=SETTINGS),
     REGISTER,
 ]
 
@@ -51,7 +54,7 @@ def root(tmp_path: Path) -> Path:
 
 
 def make(root: Path, overrides: dict | None = None, plugins: tuple = ()) -> Pipeline:
-    return Pipeline(Project(root, overrides or {}, extra_plugins=plugins), STAGES)
+    return Pipeline(Project(root, overrides or {}, extra_plugins=plugins, stages=STAGES), STAGES)
 
 
 def registered(p: Pipeline) -> int:
@@ -344,7 +347,8 @@ def _registry_with_secret(choices=()):
 def load_text(tmp_path: Path, text: str, registry=None, overrides=None):
     path = tmp_path / "mlflowctl.yaml"
     path.write_text(text)
-    return load_config(path, overrides or {}, registry=registry or build_plugin_manager(load_entry_points=False).registry)
+    return load_config(path, overrides or {}, registry=registry or build_plugin_manager(load_entry_points=False).registry,
+                       stages=example_stages())
 
 
 @pytest.mark.parametrize("yaml_text", [

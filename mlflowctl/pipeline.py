@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from mlflowctl.backends import LogWriter, StageResult, StageRun, StoreLocation
+from mlflowctl.backends import LogWriter, StageResult, StageRun, StoreLocation, environment_matching
 from mlflowctl.config import Setting, public, stage_env, stage_sections
 from mlflowctl.errors import ConfigError, MlflowctlError, StageFailed
 from mlflowctl.stores import MANIFEST
@@ -82,6 +82,8 @@ class Stage:
     doc: str = ""
     replicas: str | None = None  # the setting of the section giving how many copies of ``command`` run as one
     #                              distributed job (StageRun.replicas); None: always one
+    pass_env: tuple[str, ...] = ()  # variables of the orchestrator's environment the stage sees as they are
+    #                                 (names or patterns; not in the key: caches, credentials, never results)
     registers: Registration | None = None  # a registering action: which input is the servable, which the concept
     #                                        model (see mlflowctl.model_registry.register_model)
 
@@ -472,6 +474,7 @@ class Pipeline:
         backend adds only an allowlist of its own environment, never the whole shell's)."""
         env = {"STAGE_NAME": stage.name, "MLFLOWCTL_PROJECT": self.project.name,
                "MODEL_NAME": self.project.model_name, "PYTHONUNBUFFERED": "1"}
+        env.update(environment_matching(stage.pass_env))
         declared = stage_sections(self.stages.values()).get(stage.section or "")
         if declared:
             env.update(stage_env(declared, self.project.config[stage.section]))

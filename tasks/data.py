@@ -7,6 +7,7 @@ DATA = Stage(
     command=("python", "download.py"),
     code=("download.py", "common.py"),
     output="MNIST_DATA_DIR",
+    pass_env=("DATA_CACHE_DIR",),  # a download cache: where files are kept, not what they hold (hash-checked)
     settings={
         "dataset": Setting(str, "fashion-mnist", "dataset to fetch", choices=("fashion-mnist", "mnist")),
         "sources": Setting(list, [], "ordered base URLs/paths tried for the IDX files (empty: the dataset's "

@@ -67,7 +67,7 @@ STAGES = [
     Stage("produce", command=("python", "produce.py"), code=("produce.py",), output="OUT", params="train_model",
           settings=SETTINGS),
     Stage("consume", command=("python", "consume.py"), code=("consume.py",), inputs=(("SRC", "produce"),),
-          output="OUT", params="train_model"),
+          output="OUT", params="train_model", pass_env=("FAIL_CONSUME",)),
     Stage("other", command=("python", "produce.py"), code=("produce.py",), output="OUT", params="train_concept",
           settings=SETTINGS),
 ]

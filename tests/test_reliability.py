@@ -237,7 +237,7 @@ from test_doit_cli import DOIT, _alive, slow_stage_code  # noqa: E402
 def start_slow_data(tmp_path: Path, root: Path, env_extra: dict | None = None):
     pid_file = tmp_path / "child.pid"
     env = {**doit_env(), "PID_FILE": str(pid_file), **(env_extra or {})}
-    proc = subprocess.Popen([DOIT, "data"], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen([DOIT, "data", "backends.local.pass_env=PID_FILE"], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     deadline = time.monotonic() + 60
     while not pid_file.exists():
@@ -276,7 +276,7 @@ def test_a_second_doit_waits_a_bounded_time_then_fails_with_one_line(tmp_path):
     first, _ = start_slow_data(tmp_path, root)
     try:
         env = {**doit_env(), "PID_FILE": str(tmp_path / "second.pid"), "MLFLOWCTL_LOCK_TIMEOUT": "1"}
-        second = subprocess.run([DOIT, "data"], cwd=root, env=env, capture_output=True, text=True, timeout=60)
+        second = subprocess.run([DOIT, "data", "backends.local.pass_env=PID_FILE"], cwd=root, env=env, capture_output=True, text=True, timeout=60)
     finally:
         stop(first)
     assert second.returncode == 5, second.stdout + second.stderr

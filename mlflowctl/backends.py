@@ -25,7 +25,7 @@ class StageRun:
     """Everything a backend needs to run one stage."""
 
     stage: str
-    command: list[str]          # e.g. ["python", "train_model.py"], relative to workdir
+    command: list[str]          # e.g. ["python", "train.py"], relative to workdir
     workdir: Path               # the stage code folder (image/)
     env: dict[str, str]         # parameters as environment variables
     inputs: dict[str, Path]     # env var -> local directory holding an upstream result (read only)

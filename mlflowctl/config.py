@@ -159,7 +159,7 @@ def check_model_name(value: Any) -> str | None:
     if (not isinstance(value, str) or not 1 <= len(value) <= 63 or not set(value) <= _NAME_CHARS
             or not value[0].isalnum() or not value[-1].isalnum() or ".." in value):
         return ("expected a name of 1-63 letters, digits, '.', '_' or '-', starting and ending with a letter "
-                "or digit (e.g. mnist)")
+                "or digit (e.g. churn)")
     return None
 
 
@@ -284,7 +284,7 @@ def stage_sections(stages: Any) -> dict[str, dict[str, Setting]]:
 
 def parse_override(item: str) -> tuple[str, str]:
     if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected key=value, e.g. train_model.learning_rate=0.002")
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. backend=docker or <stage>.<setting>=<value>")
     key, value = item.split("=", 1)
     return key.strip(), value
 

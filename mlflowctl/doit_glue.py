@@ -8,7 +8,7 @@
 validated config, the plugins) and returns a :class:`DoitPipeline`, whose
 ``create_doit_tasks`` (doit's public loader protocol) yields one task per
 stage. Every doit ``key=value`` variable is a config override
-(``doit backend=docker train_model.learning_rate=0.002``), read through
+(``doit backend=docker <stage>.<setting>=<value>``), read through
 doit's public ``get_var``.
 """
 from __future__ import annotations

@@ -496,11 +496,9 @@ class Pipeline:
 def target_code_digests(target: Any) -> dict[str, str]:
     """Digests of a serving target's own module and of the files it says it serves with
     (``code_files()``, optional): an updated target or server re-runs the stages that use it."""
-    import inspect
-
     digests = {}
-    module = inspect.getsourcefile(type(target))
-    if module:
+    module = getattr(sys.modules.get(type(target).__module__), "__file__", None)
+    if module and Path(module).is_file():
         digests[f"target:{type(target).__module__}"] = file_digest(Path(module))
     code_files = getattr(target, "code_files", None)
     for path in (code_files() if callable(code_files) else ()):

@@ -34,7 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     add("plugins", "list every plugin, where it came from, and what it provides")
     add("status", "each stage: up to date, or why it will re-run")
     add("models", "registered model versions, their metrics and serving state")
-    add("config", "the effective configuration after overrides (secrets hidden)")
+    config = add("config", "the effective configuration after overrides (secrets hidden)")
+    config.add_argument("--settings", action="store_true",
+                        help="list every setting instead: key, type, default, range or choices, and what it means "
+                             "(declared by the core, the plugins and the project's stages)")
     serve = add("serve", "start, stop or inspect the serving target")
     serve.add_argument("action", choices=("start", "stop", "status"))
     add("rollback", "make the previous stable version stable again")
@@ -125,6 +128,11 @@ def cmd_plugins(root: Path, overrides: dict[str, str], args: Any) -> int:
 
 def cmd_status(root: Path, overrides: dict[str, str], args: Any) -> int:
     pipeline = load_pipeline(root, overrides)
+    if not pipeline.stages:
+        from mlflowctl.project import PIPELINE_PACKAGE
+
+        print(f"no stages: the project declares none ({PIPELINE_PACKAGE}/__init__.py, STAGES = (Stage(...), ...))")
+        return EXIT_OK
     width = max(len(name) for name in pipeline.stages)
     for name, stage in pipeline.stages.items():
         fresh, reasons = pipeline.explain(stage)
@@ -166,12 +174,41 @@ def _distinguishing_params(params: list[dict[str, Any]], most: int = 4) -> list[
     return differing[:most]
 
 
+def describe_settings(schema: dict[str, Any], prefix: str = "") -> list[str]:
+    """One line per setting of ``schema``: ``key  type  default  [range|choices]  help``."""
+    from mlflowctl.config import REQUIRED, Setting
+
+    lines = []
+    for key, spec in schema.items():
+        path = f"{prefix}{key}"
+        if isinstance(spec, dict):
+            lines += describe_settings(spec, f"{path}.")
+            continue
+        if not isinstance(spec, Setting):
+            continue
+        default = "(required)" if spec.default is REQUIRED else ("(secret)" if spec.secret and spec.default
+                                                                  else repr(spec.default))
+        bounds = ""
+        if spec.min is not None or spec.max is not None:
+            bounds = f"[{'' if spec.min is None else f'{spec.min:g}'}..{'' if spec.max is None else f'{spec.max:g}'}]"
+        elif spec.choices:
+            bounds = "{" + ", ".join(map(str, spec.choices)) + "}"
+        kind = spec.type.__name__ + (", secret" if spec.secret else "")
+        lines.append(f"{path}  {kind}  default {default}" + (f"  {bounds}" if bounds else "")
+                     + (f"  {spec.help}" if spec.help else ""))
+    return lines
+
+
 def cmd_config(root: Path, overrides: dict[str, str], args: Any) -> int:
     import json
 
     from mlflowctl.config import public
 
     project = _project(root, overrides)
+    if getattr(args, "settings", False):
+        for line in describe_settings(project.config.schema):
+            print(line)
+        return EXIT_OK
     print(json.dumps(public(project.config.data, project.config.schema), indent=2, sort_keys=True))
     return EXIT_OK
 

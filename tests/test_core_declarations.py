@@ -100,6 +100,15 @@ def test_a_stage_cannot_take_a_core_key_as_its_section(root):
         Project(root, {}, stages=(Stage("store", command=("true",), settings={"x": Setting(int, 1)}),))
 
 
+def test_every_setting_is_listed_with_its_type_default_range_and_help(project_dir):
+    proc = subprocess.run([MLFLOWCTL, "-C", str(project_dir), "config", "--settings"], env=doit_env(),
+                          capture_output=True, text=True, timeout=60, check=True)
+    lines = proc.stdout.splitlines()
+    assert "train_model.epochs  int  default 5  [1..100000]  training epochs" in lines
+    assert any(line.startswith("serving.local.port  int  default 8501  [1..65535]") for line in lines)
+    assert any(line.startswith("project  str  default") for line in lines)
+
+
 def test_the_example_declares_every_key_of_its_mlflowctl_yaml():
     cfg = load_config(REPO / "mlflowctl.yaml", registry=build_plugin_manager(load_entry_points=False).registry,
                       stages=load_stages(REPO))
@@ -126,7 +135,7 @@ def test_a_broken_tasks_package_is_one_line(tmp_path):
 # ---------------------------------------------------------------- issue 10's core slips
 def test_a_section_of_a_plugin_that_is_not_installed_says_so(project_dir):
     text = (project_dir / "mlflowctl.yaml").read_text()
-    assert "\nserving:\n  target: local\n" in text
+    assert "\nserving:\n  target: local" in text
     (project_dir / "mlflowctl.yaml").write_text(text.replace("\nserving:\n", "\nserving:\n  acme_cloud:\n    region: eu\n"))
     proc = subprocess.run([MLFLOWCTL, "-C", str(project_dir), "config"], env=doit_env(), capture_output=True,
                           text=True, timeout=60)

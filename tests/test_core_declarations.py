@@ -270,3 +270,20 @@ def test_doit_reads_overrides_through_its_public_variables(project_dir):
     dodo = (REPO / "dodo.py").read_text() + (REPO / "mlflowctl" / "doit_glue.py").read_text()
     assert "_CMDLINE_VARS" not in dodo and "runpy" not in (REPO / "mlflowctl" / "cli.py").read_text()
     assert sys.modules.get("tasks") is None or not hasattr(sys.modules["tasks"], "STAGES")
+
+
+def test_the_example_scripts_standalone_defaults_agree_with_the_declarations():
+    """The stage scripts keep defaults for running them by hand (the pipeline always passes the declared
+    value): they must be the declared ones, or a script run by hand would differ from the pipeline."""
+    checked = 0
+    for stage in example_stages():
+        env_names = {(spec.env or key.upper()): spec for key, spec in stage.settings.items()}
+        for rel in stage.code:
+            text = (REPO / "image" / rel).read_text()
+            for name, default in re.findall(r'env_(?:int|float|str)\(\s*"([A-Z_]+)",\s*([^,)]+)', text):
+                if name in env_names:
+                    declared = env_names[name].default
+                    assert type(declared)(eval(default)) == declared, f"{rel}: {name} defaults to {default}, " \
+                                                                      f"the stage {stage.name} declares {declared!r}"
+                    checked += 1
+    assert checked >= 10

@@ -3,9 +3,8 @@
 The whole pipeline in one declaration (``STAGES``); the light steps are mlflowctl's own actions.
 """
 from mlflowctl.config import Setting
-from mlflowctl.model_registry import drop_superseded_version, register_model
 from mlflowctl.pipeline import Registration, Stage
-from mlflowctl.promotion import deploy_version, deployment_holds, promote_version
+from mlflowctl.stages import deploy_stage, promote_stage, register_stage
 
 POINTS = Stage(
     name="points",
@@ -31,24 +30,9 @@ FIT = Stage(
     doc="least squares with numpy, exported as a SavedModel of a tf.Module",
 )
 
-REGISTER = Stage(
-    name="register",
-    action=register_model,
-    inputs=(("FIT_DIR", "fit"),),
-    registers=Registration(servable=("FIT_DIR", "plane"), metrics={"metrics": ("FIT_DIR", "fit.json")}),
-    keys=("model_name",),
-    superseded=drop_superseded_version,
-    doc="the fitted plane becomes the next version",
-)
-
-DEPLOY = Stage(
-    name="deploy",
-    action=deploy_version,
-    still_valid=deployment_holds,
-    inputs=(("VERSION_DIR", "register"),),
-    params="serving",
-    doc="serve it beside the stable version",
-)
+REGISTER = register_stage(Registration(servable=("FIT_DIR", "plane"), metrics={"metrics": ("FIT_DIR", "fit.json")}),
+                          inputs=(("FIT_DIR", "fit"),), doc="the fitted plane becomes the next version")
+DEPLOY = deploy_stage(doc="serve it beside the stable version")
 
 CHECK = Stage(
     name="check",
@@ -63,12 +47,6 @@ CHECK = Stage(
     doc="R² of the live endpoint on the held-out points",
 )
 
-PROMOTE = Stage(
-    name="promote",
-    action=promote_version,
-    inputs=(("REPORT_DIR", "check"), ("ENDPOINT_DIR", "deploy")),
-    params="check",
-    doc="stable if it passed the check",
-)
+PROMOTE = promote_stage(gate="check", doc="stable if it passed the check")
 
 STAGES = (POINTS, FIT, REGISTER, DEPLOY, CHECK, PROMOTE)

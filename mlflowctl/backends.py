@@ -42,6 +42,9 @@ class StageRun:
     # the chief (type ``chief``, else ``worker`` 0) writes the outputs, the others a throwaway folder.
     # Only backends with ``supports_replicas`` get more than 1.
     replicas: int = 1
+    # variables of the orchestrator's environment a stage on this machine sees as they are (``Stage.pass_env``:
+    # names or patterns); backends running elsewhere (a container, a pod) ignore them
+    pass_env: tuple[str, ...] = ()
     cancelled: threading.Event = field(default_factory=threading.Event)
     echo: Callable[[str], None] | None = None  # where live lines go; default: print with a prefix
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from mlflowctl.backends import LogWriter, StageResult, StageRun, StoreLocation, environment_matching
+from mlflowctl.backends import LogWriter, StageResult, StageRun, StoreLocation
 from mlflowctl.config import Setting, public, stage_env, stage_sections
 from mlflowctl.errors import ConfigError, MlflowctlError, StageFailed
 from mlflowctl.stores import MANIFEST
@@ -82,7 +82,7 @@ class Stage:
     doc: str = ""
     replicas: str | None = None  # the setting of the section giving how many copies of ``command`` run as one
     #                              distributed job (StageRun.replicas); None: always one
-    pass_env: tuple[str, ...] = ()  # variables of the orchestrator's environment the stage sees as they are
+    pass_env: tuple[str, ...] = ()  # variables of the orchestrator's environment a local stage sees as they are
     #                                 (names or patterns; not in the key: caches, credentials, never results)
     registers: Registration | None = None  # a registering action: which input is the servable, which the concept
     #                                        model (see mlflowctl.model_registry.register_model)
@@ -321,7 +321,7 @@ class Pipeline:
                 outputs = {stage.output: out}
             run = StageRun(
                 stage=stage.name, command=list(stage.command), workdir=project.stage_code_dir,
-                env=self.stage_env(stage), replicas=self.replicas(stage), inputs=inputs, outputs=outputs, locations=locations,
+                env=self.stage_env(stage), pass_env=stage.pass_env, replicas=self.replicas(stage), inputs=inputs, outputs=outputs, locations=locations,
                 log_path=log_path, key=info.key,
             )
             hook = project.pm.hook
@@ -410,7 +410,7 @@ class Pipeline:
             locations[stage.output] = StoreLocation(self.project.store, f".staging/{stage.name}-{key or 'pending'}",
                                                     read_only=False)
             run = StageRun(stage=stage.name, command=list(stage.command), workdir=self.project.stage_code_dir,
-                           env=self.stage_env(stage), replicas=self.replicas(stage), inputs=inputs,
+                           env=self.stage_env(stage), pass_env=stage.pass_env, replicas=self.replicas(stage), inputs=inputs,
                            outputs={} if in_store else {stage.output: folder / "outputs" / stage.name},
                            locations=locations, log_path=folder / "logs" / f"{stage.name}.log", key=key)
             written += [p for p in self.project.backend.render(run, folder) if p not in written]
@@ -443,7 +443,7 @@ class Pipeline:
             with self.project.store.remote_staging(stage.name) as staging:
                 locations[stage.output] = StoreLocation(self.project.store, staging, read_only=False)
                 run = StageRun(stage=stage.name, command=list(stage.command), workdir=self.project.stage_code_dir,
-                               env=self.stage_env(stage), replicas=self.replicas(stage), inputs={}, outputs={}, locations=locations,
+                               env=self.stage_env(stage), pass_env=stage.pass_env, replicas=self.replicas(stage), inputs={}, outputs={}, locations=locations,
                                log_path=log_path, key="uncached")
                 with _live(run):
                     result = self.project.backend.run(run)
@@ -451,7 +451,7 @@ class Pipeline:
                 return result
         inputs = {env: self.current_result(up) for env, up in stage.inputs}
         run = StageRun(stage=stage.name, command=list(stage.command), workdir=self.project.stage_code_dir,
-                       env=self.stage_env(stage), replicas=self.replicas(stage), inputs=inputs, outputs={stage.output: out}, locations=locations,
+                       env=self.stage_env(stage), pass_env=stage.pass_env, replicas=self.replicas(stage), inputs=inputs, outputs={stage.output: out}, locations=locations,
                        log_path=log_path, key="uncached")
         with _live(run):
             return self.project.backend.run(run)
@@ -470,11 +470,10 @@ class Pipeline:
         return count
 
     def stage_env(self, stage: Stage) -> dict[str, str]:
-        """What the stage's process sees besides its folders: who it is, and its declared settings (the
-        backend adds only an allowlist of its own environment, never the whole shell's)."""
+        """What the stage's process sees besides its folders: who it is, and its declared settings (a local
+        backend adds an allowlist of its own environment and the stage's ``pass_env``, never the whole shell)."""
         env = {"STAGE_NAME": stage.name, "MLFLOWCTL_PROJECT": self.project.name,
                "MODEL_NAME": self.project.model_name, "PYTHONUNBUFFERED": "1"}
-        env.update(environment_matching(stage.pass_env))
         declared = stage_sections(self.stages.values()).get(stage.section or "")
         if declared:
             env.update(stage_env(declared, self.project.config[stage.section]))

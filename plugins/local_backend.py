@@ -50,7 +50,7 @@ class LocalBackend(Backend):
         return cmd
 
     def environment(self, run: StageRun) -> dict[str, str]:
-        env = {**host_environment(self.config.get("pass_env") or ()), **run.env}
+        env = {**host_environment([*(self.config.get("pass_env") or ()), *run.pass_env]), **run.env}
         env.update({name: str(path) for name, path in {**run.inputs, **run.outputs}.items()})
         return env
 

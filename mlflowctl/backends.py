@@ -8,6 +8,8 @@ variable per input and output directory.
 """
 from __future__ import annotations
 
+import fnmatch
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,7 +25,7 @@ class StageRun:
     """Everything a backend needs to run one stage."""
 
     stage: str
-    command: list[str]          # e.g. ["python", "train_model.py"], relative to workdir
+    command: list[str]          # e.g. ["python", "train.py"], relative to workdir
     workdir: Path               # the stage code folder (image/)
     env: dict[str, str]         # parameters as environment variables
     inputs: dict[str, Path]     # env var -> local directory holding an upstream result (read only)
@@ -40,6 +42,9 @@ class StageRun:
     # the chief (type ``chief``, else ``worker`` 0) writes the outputs, the others a throwaway folder.
     # Only backends with ``supports_replicas`` get more than 1.
     replicas: int = 1
+    # variables of the orchestrator's environment a stage on this machine sees as they are (``Stage.pass_env``:
+    # names or patterns); backends running elsewhere (a container, a pod) ignore them
+    pass_env: tuple[str, ...] = ()
     cancelled: threading.Event = field(default_factory=threading.Event)
     echo: Callable[[str], None] | None = None  # where live lines go; default: print with a prefix
 
@@ -57,6 +62,30 @@ class StageRun:
             self.echo(line)
         else:
             print(f"[{self.stage}] {line}", flush=True)
+
+
+#: What a stage process on this machine sees of the orchestrator's environment, besides its declared settings
+#: and its folders: where programs and libraries are, the user, locale, temp folder, proxies, CA bundles and
+#: cloud credentials. Never the whole shell: a ``SEED`` (or any variable a stage might read) exported there
+#: must not change a result under the same cache key. More: ``Stage.pass_env`` or ``backends.local.pass_env``.
+HOST_ENV_ALLOWLIST: tuple[str, ...] = (
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "TERM", "LANG", "LANGUAGE", "LC_*", "TZ", "TMPDIR",
+    "http_proxy", "https_proxy", "no_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "AWS_*",
+    "VIRTUAL_ENV", "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES", "TF_CPP_MIN_LOG_LEVEL",
+)
+
+
+def environment_matching(patterns: tuple[str, ...] | list[str], environ: Any = None) -> dict[str, str]:
+    """The variables of ``environ`` (default: this process's) named by ``patterns`` (names, or ``fnmatch``
+    patterns such as ``LC_*``)."""
+    source = os.environ if environ is None else environ
+    return {k: v for k, v in source.items() if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
+
+
+def host_environment(extra: tuple[str, ...] | list[str] = (), environ: Any = None) -> dict[str, str]:
+    """What a stage process on this machine inherits: :data:`HOST_ENV_ALLOWLIST` plus ``extra``."""
+    return environment_matching(HOST_ENV_ALLOWLIST + tuple(extra), environ)
 
 
 @dataclass(frozen=True)

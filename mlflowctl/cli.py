@@ -34,7 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     add("plugins", "list every plugin, where it came from, and what it provides")
     add("status", "each stage: up to date, or why it will re-run")
     add("models", "registered model versions, their metrics and serving state")
-    add("config", "the effective configuration after overrides (secrets hidden)")
+    config = add("config", "the effective configuration after overrides (secrets hidden)")
+    config.add_argument("--settings", action="store_true",
+                        help="list every setting instead: key, type, default, range or choices, and what it means "
+                             "(declared by the core, the plugins and the project's stages)")
     serve = add("serve", "start, stop or inspect the serving target")
     serve.add_argument("action", choices=("start", "stop", "status"))
     add("rollback", "make the previous stable version stable again")
@@ -104,26 +107,10 @@ def _project(root: Path, overrides: dict[str, str]) -> Any:
 
 
 def load_pipeline(root: Path, overrides: dict[str, str]) -> Any:
-    """The project's pipeline as ``dodo.py`` declares it, without running doit."""
-    import runpy
+    """The project's pipeline as its ``tasks/`` declare it (the same ``dodo.py`` hands to doit), without doit."""
+    from mlflowctl.pipeline import Pipeline
 
-    from mlflowctl import doit_glue
-    from mlflowctl.errors import ConfigError
-
-    project = _project(root, overrides)
-    doit_glue.use_project(project)
-    dodo = project.root / "dodo.py"
-    if not dodo.is_file():
-        raise ConfigError(f"{dodo}: not found", hint="run mlflowctl from the project folder or pass -C")
-    sys.path.insert(0, str(project.root))
-    try:
-        namespace = runpy.run_path(str(dodo), run_name="dodo")
-    finally:
-        sys.path.remove(str(project.root))
-    for name, creator in namespace.items():
-        if name.startswith("task_") and callable(creator):
-            creator()
-    return doit_glue.pipeline()
+    return Pipeline(_project(root, overrides))
 
 
 def cmd_plugins(root: Path, overrides: dict[str, str], args: Any) -> int:
@@ -141,6 +128,11 @@ def cmd_plugins(root: Path, overrides: dict[str, str], args: Any) -> int:
 
 def cmd_status(root: Path, overrides: dict[str, str], args: Any) -> int:
     pipeline = load_pipeline(root, overrides)
+    if not pipeline.stages:
+        from mlflowctl.project import PIPELINE_PACKAGE
+
+        print(f"no stages: the project declares none ({PIPELINE_PACKAGE}/__init__.py, STAGES = (Stage(...), ...))")
+        return EXIT_OK
     width = max(len(name) for name in pipeline.stages)
     for name, stage in pipeline.stages.items():
         fresh, reasons = pipeline.explain(stage)
@@ -161,12 +153,13 @@ def cmd_models(root: Path, overrides: dict[str, str], args: Any) -> int:
     for label, number in labels.items():
         by_number.setdefault(number, []).append(label)
     print(f"model {registry.name} in {project.store.url}")
+    shown = _distinguishing_params([v.metadata.get("params") or {} for v in versions])
     for v in versions:
         metrics = v.metadata.get("metrics", {})
         acc = metrics.get("accuracy")
         acc_text = f"accuracy {acc:.4f}" if isinstance(acc, (int, float)) else "accuracy ?"
         params = v.metadata.get("params", {})
-        param_text = ", ".join(f"{k}={params[k]}" for k in ("learning_rate", "epochs", "steps") if k in params)
+        param_text = ", ".join(f"{k}={params[k]}" for k in shown if k in params)
         verdict = registry.verdict(v.number)
         state = ",".join(sorted(by_number.get(v.number, []))) or verdict.get("state", "registered")
         reason = verdict.get("reason", "")
@@ -174,13 +167,49 @@ def cmd_models(root: Path, overrides: dict[str, str], args: Any) -> int:
     return EXIT_OK
 
 
+def _distinguishing_params(params: list[dict[str, Any]], most: int = 4) -> list[str]:
+    """The scalar params whose values differ between versions (what tells them apart), at most ``most``."""
+    keys = sorted({k for p in params for k, v in p.items() if isinstance(v, (str, int, float, bool))})
+    differing = [k for k in keys if len({repr(p.get(k)) for p in params}) > 1]
+    return differing[:most]
+
+
+def describe_settings(schema: dict[str, Any], prefix: str = "") -> list[str]:
+    """One line per setting of ``schema``: ``key  type  default  [range|choices]  help``."""
+    from mlflowctl.config import REQUIRED, Setting
+
+    lines = []
+    for key, spec in schema.items():
+        path = f"{prefix}{key}"
+        if isinstance(spec, dict):
+            lines += describe_settings(spec, f"{path}.")
+            continue
+        if not isinstance(spec, Setting):
+            continue
+        default = "(required)" if spec.default is REQUIRED else ("(secret)" if spec.secret and spec.default
+                                                                  else repr(spec.default))
+        bounds = ""
+        if spec.min is not None or spec.max is not None:
+            bounds = f"[{'' if spec.min is None else f'{spec.min:g}'}..{'' if spec.max is None else f'{spec.max:g}'}]"
+        elif spec.choices:
+            bounds = "{" + ", ".join(map(str, spec.choices)) + "}"
+        kind = spec.type.__name__ + (", secret" if spec.secret else "")
+        lines.append(f"{path}  {kind}  default {default}" + (f"  {bounds}" if bounds else "")
+                     + (f"  {spec.help}" if spec.help else ""))
+    return lines
+
+
 def cmd_config(root: Path, overrides: dict[str, str], args: Any) -> int:
     import json
 
-    from mlflowctl.config import full_schema, public
+    from mlflowctl.config import public
 
     project = _project(root, overrides)
-    print(json.dumps(public(project.config.data, full_schema(project.pm.registry)), indent=2, sort_keys=True))
+    if getattr(args, "settings", False):
+        for line in describe_settings(project.config.schema):
+            print(line)
+        return EXIT_OK
+    print(json.dumps(public(project.config.data, project.config.schema), indent=2, sort_keys=True))
     return EXIT_OK
 
 
@@ -297,7 +326,12 @@ def cmd_report(root: Path, overrides: dict[str, str], args: Any) -> int:
             return {}
 
     endpoint = project.serving.endpoint()
-    test, drift = result("integration_test", "report.json"), result("monitor", "drift.json")
+    from mlflowctl.promotion import REPORT_INPUT, promote_version
+
+    gate = next((up for stage in pipeline.stages.values() if stage.action is promote_version
+                 for env, up in stage.inputs if env == REPORT_INPUT), None)  # the stage whose report promote reads
+    test = result(gate, "report.json") if gate else {}
+    drift = result("monitor", "drift.json")
     print(f"stable:    {project.model_name} version {stable}")
     print(f"endpoint:  {endpoint.predict_url}")
     if test:

@@ -47,7 +47,7 @@ class Setting:
     help: str = ""
     choices: tuple[Any, ...] = ()
     secret: bool = False
-    env: str = ""  # the environment variable a stage sees this as (stage settings only)
+    env: str = ""  # stage settings: the environment variable the stage sees it as (default: the key in upper case)
     check: Any = None  # check(value) -> None if valid, else what was expected (e.g. a Kubernetes quantity)
     min: float | None = None  # numbers: the smallest allowed value (inclusive)
     max: float | None = None  # numbers: the largest allowed value (inclusive)
@@ -159,7 +159,7 @@ def check_model_name(value: Any) -> str | None:
     if (not isinstance(value, str) or not 1 <= len(value) <= 63 or not set(value) <= _NAME_CHARS
             or not value[0].isalnum() or not value[-1].isalnum() or ".." in value):
         return ("expected a name of 1-63 letters, digits, '.', '_' or '-', starting and ending with a letter "
-                "or digit (e.g. mnist)")
+                "or digit (e.g. churn)")
     return None
 
 
@@ -187,57 +187,12 @@ class Configurable:
 PLUGIN_SECTIONS = {"backends": "backends", "stores": "stores", "serving": "serving_targets"}
 
 
-def _stage(**settings: Setting) -> dict[str, Setting]:
-    import dataclasses
-
-    return {name: (s if s.env else dataclasses.replace(s, env=name.upper())) for name, s in settings.items()}
-
-
 SCHEMA: dict[str, Any] = {
-    "project": Setting(str, "mnist", "project name: names images, jobs and the state folder's content"),
-    "model_name": Setting(str, "mnist", "name of the model in the registry (models/<name>/<N>/)",
+    "project": Setting(str, "mlflowctl", "project name: names images, jobs and the state folder's content"),
+    "model_name": Setting(str, "model", "name of the model in the registry (models/<name>/<N>/)",
                           check=check_model_name),
     "backend": Setting(str, "local", "where stages run: local, docker, k8s, or a plugin's backend"),
     "store": Setting(str, "file://.mlflowctl/store", "artifact store URL: file://path, s3://bucket/prefix, pvc://claim/path"),
-    "data": _stage(
-        dataset=Setting(str, "fashion-mnist", "dataset to fetch", choices=("fashion-mnist", "mnist")),
-        sources=Setting(list, [], "ordered base URLs/paths tried for the IDX files (empty: the dataset's defaults)",
-                        env="DATA_SOURCES"),
-        download_timeout=Setting(float, 30.0, "seconds per download attempt", min=0.001, max=86400),
-    ),
-    "train_model": _stage(
-        learning_rate=Setting(float, 0.001, "Adam learning rate", min=1e-12, max=10),
-        epochs=Setting(int, 5, "training epochs", min=1, max=100_000),
-        steps=Setting(int, 0, "steps per epoch (0: the whole training set)", min=0),
-        batch_size=Setting(int, 128, "batch size", min=1, max=1_000_000),
-        seed=Setting(int, 42, "random seed", min=0, max=2**32 - 1),
-        workers=Setting(int, 1, "training processes working as one (tf.distribute.MultiWorkerMirroredStrategy); "
-                                ">1: the backend runs that many replicas with a TF_CONFIG naming them all",
-                        min=1),
-    ),
-    "train_concept": _stage(
-        learning_rate=Setting(float, 0.001, "Adam learning rate of the autoencoder", min=1e-12, max=10),
-        epochs=Setting(int, 5, "training epochs", min=1, max=100_000),
-        steps=Setting(int, 0, "steps per epoch (0: the whole training set)", min=0),
-        batch_size=Setting(int, 128, "batch size", min=1, max=1_000_000),
-        threshold_quantile=Setting(float, 0.99, "quantile of training reconstruction errors used as drift threshold",
-                                   min=0, max=1),
-        seed=Setting(int, 42, "random seed", min=0, max=2**32 - 1),
-    ),
-    "integration_test": _stage(
-        min_accuracy=Setting(float, 0.8, "accuracy floor on clean held-out images: below it the version is not promoted",
-                             min=0, max=1),
-        samples=Setting(int, 1000, "held-out images sent to the endpoint", min=1),
-        batch_size=Setting(int, 100, "images per request", min=1),
-        noise=Setting(float, 0.5, "std-dev of the Gaussian noise added for the out-of-distribution part", min=0),
-        timeout=Setting(float, 30.0, "seconds per request", min=0.001, max=86400),
-        transport=Setting(str, "rest", "how the test talks to the endpoint: rest (its predict_url) or grpc (TF Serving's "
-                                       "gRPC PredictionService, e.g. serving.local.grpc_port)", choices=("rest", "grpc")),
-    ),
-    "monitor": _stage(
-        max_drift_rate=Setting(float, 0.5, "share of out-of-distribution requests above which monitor fails",
-                               min=0, max=1),
-    ),
     "backends": {},
     "stores": {},
     "serving": {"target": Setting(str, "local", "serving target: local, tfserving, seldon, hydrosphere, or a plugin's")},
@@ -251,6 +206,7 @@ class Config:
     data: dict[str, Any]
     path: Path
     overrides: dict[str, str] = field(default_factory=dict)
+    schema: dict[str, Any] = field(default_factory=dict)  # what it was validated against
 
     def __getitem__(self, key: str) -> Any:
         return self.data[key]
@@ -294,19 +250,41 @@ def _validate_section(raw: Any, schema: dict[str, Any], where: str, fname: str,
     return out
 
 
-def full_schema(registry: Any = None) -> dict[str, Any]:
-    """The core schema plus each plugin's section (``backends.docker``, ``serving.local``, ...)."""
+def full_schema(registry: Any = None, stages: Any = ()) -> dict[str, Any]:
+    """The schema of one project: the core's own keys, each plugin's section (``backends.docker``,
+    ``serving.local``, ...) and each stage's section (the settings the stage declares)."""
     schema = {k: (dict(v) if isinstance(v, dict) else v) for k, v in SCHEMA.items()}
     if registry is not None:
         for section, table in PLUGIN_SECTIONS.items():
             for name, cls in getattr(registry, table).items():
                 schema[section][name] = dict(getattr(cls, "settings", {}) or {})
+    for section, settings in stage_sections(stages).items():
+        if section in schema:
+            raise ConfigError(f"stage section {section!r}: the name is a key of mlflowctl itself",
+                              hint="name the stage (or its params section) differently")
+        schema[section] = settings
     return schema
+
+
+def stage_sections(stages: Any) -> dict[str, dict[str, Setting]]:
+    """``{section: settings}`` declared by ``stages`` (objects with ``section`` and ``settings``); two stages
+    sharing a section must declare the same settings."""
+    sections: dict[str, dict[str, Setting]] = {}
+    for stage in stages:
+        declared = dict(getattr(stage, "settings", None) or {})
+        if not declared:
+            continue
+        section = stage.section
+        if section in sections and sections[section] != declared:
+            raise ConfigError(f"stage {stage.name}: section {section!r} is declared twice with different settings",
+                              hint="declare the settings on one stage; the other names the section with params=")
+        sections[section] = declared
+    return sections
 
 
 def parse_override(item: str) -> tuple[str, str]:
     if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected key=value, e.g. train_model.learning_rate=0.002")
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. backend=docker or <stage>.<setting>=<value>")
     key, value = item.split("=", 1)
     return key.strip(), value
 
@@ -401,14 +379,38 @@ def _check_size(raw: Any, path: Path) -> None:
 
 
 def load_config(path: Path, overrides: Mapping[str, str] | None = None, registry: Any = None,
-                cache: Path | None = None) -> Config:
-    """Read, override and validate ``mlflowctl.yaml`` (``cache``: see :func:`read_yaml`)."""
-    schema = full_schema(registry)
+                cache: Path | None = None, stages: Any = ()) -> Config:
+    """Read, override and validate ``mlflowctl.yaml`` against the schema assembled from the core, the plugins
+    of ``registry`` and ``stages`` (``cache``: see :func:`read_yaml`)."""
+    schema = full_schema(registry, stages)
     raw = read_yaml(path, cache)
     overrides = dict(overrides or {})
     apply_overrides(raw, overrides, schema)
+    if registry is not None:
+        _check_plugin_sections(raw, schema, path.name)
     data = _validate_section(raw, schema, "", path.name, _unselected_plugins(raw, schema))
-    return Config(data=data, path=path, overrides=overrides)
+    return Config(data=data, path=path, overrides=overrides, schema=schema)
+
+
+_PLUGIN_KINDS = {"backends": "backend", "stores": "store", "serving": "serving target"}
+
+
+def _check_plugin_sections(raw: dict[str, Any], schema: dict[str, Any], fname: str) -> None:
+    """A section for a plugin that is not installed: a typo of an installed one is an unknown key with a
+    "did you mean"; anything else says the plugin is not installed, instead of a bare "unknown key"."""
+    for section in PLUGIN_SECTIONS:
+        given = raw.get(section)
+        if not isinstance(given, dict):
+            continue
+        known = [name for name, spec in schema[section].items() if isinstance(spec, dict)]
+        for name in given:
+            if name in schema[section] or difflib.get_close_matches(str(name), known, n=1):
+                continue  # known, or a typo: _validate_section says "did you mean"
+            kind = _PLUGIN_KINDS[section]
+            raise ConfigError(f"{fname}: {section}.{name}: unknown key: no installed plugin provides the {kind} "
+                              f"{name!r} (installed: {', '.join(sorted(known)) or 'none'})",
+                              hint=f"install the plugin that provides the {kind} {name!r} (mlflowctl plugins lists "
+                                   f"what is installed), or remove the section {section}.{name}")
 
 
 def _unselected_plugins(raw: dict[str, Any], schema: dict[str, Any]) -> frozenset[str]:
@@ -429,14 +431,15 @@ def _unselected_plugins(raw: dict[str, Any], schema: dict[str, Any]) -> frozense
                      and name != selected[section])
 
 
-def stage_env(section: str, values: dict[str, Any]) -> dict[str, str]:
-    """The environment variables a stage sees for its config section."""
+def stage_env(settings: Mapping[str, Setting], values: dict[str, Any]) -> dict[str, str]:
+    """The environment variables a stage sees for the settings it declares: ``env`` (default: the key in
+    upper case) set to the validated value (lists and mappings as JSON)."""
     env = {}
-    for key, spec in SCHEMA[section].items():
-        if not isinstance(spec, Setting) or not spec.env:
+    for key, spec in settings.items():
+        if not isinstance(spec, Setting):
             continue
         value = values[key]
-        env[spec.env] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+        env[spec.env or key.upper()] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     return env
 
 

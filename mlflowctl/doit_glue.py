@@ -1,24 +1,26 @@
-"""The glue between doit and mlflowctl: the project of this run, and stage tasks.
+"""The glue between doit and mlflowctl: one project per run, its pipeline as doit tasks.
 
-``dodo.py`` calls :func:`load` once; each module in ``tasks/`` turns a
-:class:`~mlflowctl.pipeline.Stage` into a doit task with :func:`stage_task`.
-Every doit ``key=value`` variable is a config override
-(``doit backend=docker train_model.learning_rate=0.002``).
+``dodo.py`` holds one line of it::
+
+    PIPELINE = doit_glue.load(ROOT)
+
+:func:`load` builds the run's project (its stages from ``tasks/``, the
+validated config, the plugins) and returns a :class:`DoitPipeline`, whose
+``create_doit_tasks`` (doit's public loader protocol) yields one task per
+stage. Every doit ``key=value`` variable is a config override
+(``doit backend=docker <stage>.<setting>=<value>``), read through
+doit's public ``get_var``.
 """
 from __future__ import annotations
 
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from mlflowctl.errors import MlflowctlError
 from mlflowctl.pipeline import Pipeline, Stage, install_interrupt_handler
 from mlflowctl.state import STATE_DIR
-
-_project: Any = None
-_stages: dict[str, Stage] = {}
-_pipeline: Pipeline | None = None
 
 
 def doit_config(root: str | Path) -> dict[str, Any]:
@@ -32,29 +34,34 @@ def doit_config(root: str | Path) -> dict[str, Any]:
     }
 
 
-def command_line_overrides() -> dict[str, str]:
-    """The ``key=value`` variables doit parsed from its command line."""
-    from doit import doit_cmd
+def command_line_overrides(argv: list[str] | None = None) -> dict[str, str]:
+    """The ``key=value`` variables of doit's command line, as doit's public ``get_var`` gives them.
 
-    return dict(getattr(doit_cmd, "_CMDLINE_VARS", None) or {})
+    doit takes every argument that does not start with ``-`` and holds ``=`` as a variable; the names come
+    from the command line, the values from ``doit.get_var`` (None outside a doit command run).
+    """
+    import doit
+
+    names = [arg.split("=", 1)[0] for arg in (sys.argv[1:] if argv is None else argv)
+             if arg[:1] != "-" and "=" in arg]
+    values = {name: doit.get_var(name) for name in dict.fromkeys(names)}
+    return {name: value for name, value in values.items() if value is not None}
 
 
-def load(root: str | Path, overrides: dict[str, str] | None = None) -> Any:
-    """Build this run's project (plugins, validated config, state folder); exit with one line on error."""
-    global _project, _pipeline
+def load(root: str | Path, overrides: dict[str, str] | None = None, project: Any = None) -> "DoitPipeline":
+    """This run's pipeline, for ``dodo.py``: exits with one line and its exit code on bad config."""
     from mlflowctl.project import Project
 
-    if _project is not None and _project.root == Path(root).resolve():
-        return _project  # set by the CLI or a test with use_project()
     try:
-        _project = Project(Path(root), command_line_overrides() if overrides is None else overrides)
+        if project is None:
+            project = Project(Path(root), command_line_overrides() if overrides is None else overrides)
+        pipeline = Pipeline(project)
     except MlflowctlError as exc:
         print(f"mlflowctl: {exc}", file=sys.stderr)
         raise SystemExit(exc.exit_code) from None
-    _pipeline = None
-    _check_doit_database(Path(doit_config(root)["dep_file"]))
+    _check_doit_database(Path(doit_config(project.root)["dep_file"]))
     install_interrupt_handler()
-    return _project
+    return DoitPipeline(pipeline)
 
 
 def _check_doit_database(path: Path) -> None:
@@ -80,43 +87,68 @@ def _check_doit_database(path: Path) -> None:
               f"up to date", file=sys.stderr, flush=True)
 
 
-def use_project(project: Any) -> None:
-    """Make ``project`` the current one (the CLI and tests build their own)."""
-    global _project, _pipeline
-    _project, _pipeline = project, None
+class DoitPipeline:
+    """A project's pipeline as doit tasks: doit calls ``create_doit_tasks`` (one task per stage)."""
 
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self._preflight_done: set[int] = set()
 
-def project() -> Any:
-    if _project is None:
-        raise MlflowctlError("no mlflowctl project loaded", hint="dodo.py must call mlflowctl.doit_glue.load(__file__)")
-    return _project
+    @property
+    def project(self) -> Any:
+        return self.pipeline.project
 
+    def create_doit_tasks(self) -> Iterator[dict[str, Any]]:
+        for stage in self.pipeline.stages.values():
+            yield self.task(stage)
 
-def pipeline() -> Pipeline:
-    """The pipeline of every stage task created so far (all of them, once doit has loaded the tasks)."""
-    global _pipeline
-    if _pipeline is None or set(_pipeline.stages) != set(_stages):
-        _pipeline = Pipeline(project(), list(_stages.values()))
-    return _pipeline
+    def task(self, stage: Stage) -> dict[str, Any]:
+        """A doit task dict that runs ``stage`` through the backend when its result is not in the store."""
+        return {
+            "basename": stage.name,
+            "actions": [(self._run, [stage.name])],
+            "uptodate": [_Uptodate(self, stage.name)],
+            "task_dep": list(stage.upstream),
+            "doc": stage.doc,
+            "verbosity": 2,
+            "meta": {"stage": stage},
+        }
 
+    def preflight(self, stage: Stage) -> bool:
+        """Before the first stage of this run: take the project's run lock, check the store, sweep what killed
+        runs left in it; check the backend if the stage runs on it. True when the lock had to be waited for."""
+        from mlflowctl.state import run_lock
 
-def stage_task(stage: Stage) -> dict[str, Any]:
-    """A doit task dict that runs ``stage`` through the backend when its result is not in the store."""
-    _stages[stage.name] = stage
-    return {
-        "actions": [(_run, [stage.name])],
-        "uptodate": [_Uptodate(stage.name)],
-        "task_dep": list(stage.upstream),
-        "doc": stage.doc,
-        "verbosity": 2,
-        "meta": {"stage": stage},
-    }
+        p = self.pipeline
+        waited = run_lock(p.project.state_dir)
+        checks = [p.project.store] + ([p.project.backend] if stage.command else [])
+        for plugin in checks:
+            if id(plugin) not in self._preflight_done:
+                plugin.preflight()
+                self._preflight_done.add(id(plugin))
+                if plugin is p.project.store:
+                    for name in plugin.sweep():
+                        print(f"mlflowctl: removed {name}, left in the store's staging by a run that was killed",
+                              file=sys.stderr, flush=True)
+        return waited
+
+    def _run(self, name: str) -> Any:
+        from doit.exceptions import TaskFailed
+
+        p = self.pipeline
+        try:
+            self.preflight(p.stages[name])
+            p.run(name)
+        except MlflowctlError as exc:
+            return TaskFailed(f"mlflowctl: {exc}")
+        return None
 
 
 class _Uptodate:
     """doit ``uptodate`` check: does the store hold a complete result for the stage's current key?"""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, tasks: DoitPipeline, name: str) -> None:
+        self.tasks = tasks
         self.name = name
 
     def __call__(self) -> bool:
@@ -127,46 +159,12 @@ class _Uptodate:
         here with one line and its own exit code.
         """
         try:
-            p = pipeline()
+            p = self.tasks.pipeline
             stage = p.stages[self.name]
             complete = p.is_complete(stage)
-            if not complete and _preflight(p, stage):  # waited for another run: it may have made the result
+            if not complete and self.tasks.preflight(stage):  # waited for another run: it may have made the result
                 complete = p.is_complete(stage)
             return complete
         except MlflowctlError as exc:
             print(f"mlflowctl: {exc}", file=sys.stderr)
             raise SystemExit(exc.exit_code) from None
-
-
-_preflight_done: set[int] = set()
-
-
-def _preflight(p: Pipeline, stage: Stage) -> bool:
-    """Before the first stage of this run: take the project's run lock, check the store, sweep what killed
-    runs left in it; check the backend if the stage runs on it. True when the lock had to be waited for."""
-    from mlflowctl.state import run_lock
-
-    waited = run_lock(p.project.state_dir)
-    checks = [p.project.store] + ([p.project.backend] if stage.command else [])
-    for plugin in checks:
-        if id(plugin) not in _preflight_done:
-            plugin.preflight()
-            _preflight_done.add(id(plugin))
-            if plugin is p.project.store:
-                for name in plugin.sweep():
-                    print(f"mlflowctl: removed {name}, left in the store's staging by a run that was killed",
-                          file=sys.stderr, flush=True)
-    return waited
-
-
-def _run(name: str) -> Any:
-    from doit.exceptions import TaskFailed
-
-    p = pipeline()
-    try:
-        stage = p.stages[name]
-        _preflight(p, stage)
-        p.run(name)
-    except MlflowctlError as exc:
-        return TaskFailed(f"mlflowctl: {exc}")
-    return None

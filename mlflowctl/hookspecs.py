@@ -76,7 +76,7 @@ def mlflowctl_before_stage(stage: str, run: StageRun) -> None:
     Raising :class:`mlflowctl.errors.MlflowctlError` vetoes the stage: it
     is reported as failed and nothing is published.
 
-    :param stage: the stage name, e.g. ``train_model``.
+    :param stage: the stage name, as the project declares it (``tasks/``).
     :param run: what the backend is about to run.
     :returns: nothing; all implementations are called.
     """

@@ -1,8 +1,9 @@
 """The model registry: integer versions under ``models/<name>/<N>/`` in the store.
 
 The layout is the one TensorFlow Serving reads directly: each version folder
-holds the classifier's SavedModel, plus ``concept/`` (the drift
-autoencoder and its threshold) and ``metadata.json``. Version numbers are
+holds the servable model at its top, plus ``concept/`` (the drift model,
+if the project has one) and ``metadata.json``; which stage output is which
+is declared by the registering stage (:class:`mlflowctl.pipeline.Registration`). Version numbers are
 allocated by publishing: the store's atomic publish refuses an existing
 version, so two registrations never get the same number and a killed one
 leaves nothing behind. Labels (``stable``, ``canary``) and each version's
@@ -19,6 +20,7 @@ from mlflowctl.errors import MlflowctlError
 from mlflowctl.stores import MANIFEST, Store
 
 MAX_ALLOCATION_TRIES = 1000
+CONCEPT_DIR = "concept"  # where a version holds its concept (drift) model, beside the servable at its top
 
 
 @dataclass
@@ -143,52 +145,70 @@ def content_digest(manifest: dict[str, Any]) -> str | None:
     return hashlib.sha256(repr(items).encode()).hexdigest()
 
 
-def register_trained_model(project: Any, ctx: Any) -> None:
-    """Stage action of ``register``: copy the classifier and its concept model into a new version.
+def register_model(project: Any, ctx: Any) -> None:
+    """Stage action of a registering stage: copy what its :class:`~mlflowctl.pipeline.Registration` names
+    into a new version.
 
-    The version folder is TF Serving's layout (the SavedModel at its top) plus
-    ``concept/`` (the autoencoder SavedModel and ``threshold.json``) and
-    ``metadata.json`` (params, metrics, data and code digests, time).
+    The servable's folder becomes the version's top level (the layout a server such as TF Serving reads), the
+    concept model's folder ``concept/``, the declared files their declared paths; ``metadata.json`` gets the
+    declared metrics and, from the producing stages' manifests, their params, code, input and result digests.
     """
     import json
     import shutil
 
-    model_dir, concept_dir = ctx.inputs["MODEL_DIR"], ctx.inputs["CONCEPT_DIR"]
-    if not (model_dir / "saved_model" / "saved_model.pb").is_file():
-        raise MlflowctlError(f"register: {model_dir} holds no saved_model/saved_model.pb", hint="doit train_model")
+    spec = ctx.registration
+    if spec is None:
+        raise MlflowctlError(f"stage {ctx.stage}: register_model needs the stage to declare registers=Registration(...)")
+
+    def source(part: tuple[str, str], what: str) -> Path:
+        env, rel = part
+        if env not in ctx.inputs:
+            raise MlflowctlError(f"stage {ctx.stage}: registers the {what} from input {env}, which the stage "
+                                 f"does not have (inputs: {', '.join(sorted(ctx.inputs)) or 'none'})")
+        return ctx.inputs[env] / rel
 
     def read(path: Path) -> dict[str, Any]:
         try:
-            return json.loads(path.read_text())
+            value = json.loads(path.read_text())
         except (OSError, ValueError):
             return {}
+        return value if isinstance(value, dict) else {}
 
-    model_manifest, concept_manifest = read(model_dir / "_manifest.json"), read(concept_dir / "_manifest.json")
-    metadata = {
-        "metrics": read(model_dir / "metrics.json"),
-        "concept_metrics": read(concept_dir / "metrics.json"),
-        "params": model_manifest.get("components", {}).get("params", {}),
-        "concept_params": concept_manifest.get("components", {}).get("params", {}),
-        "data_digest": model_manifest.get("components", {}).get("inputs", {}).get("data"),
-        "code_digests": {**model_manifest.get("components", {}).get("code", {}),
-                         **{f"concept:{k}": v for k, v in concept_manifest.get("components", {}).get("code", {}).items()}},
+    servable = source(spec.servable, "servable")
+    if not servable.is_dir() or not any(servable.iterdir()):
+        raise MlflowctlError(f"stage {ctx.stage}: {servable} holds no model (the declared servable)",
+                             hint=f"doit {ctx.producers.get(spec.servable[0], '')}".rstrip())
+    concept = source(spec.concept, "concept model") if spec.concept else None
+    model_manifest = read(ctx.inputs[spec.servable[0]] / MANIFEST)
+    concept_manifest = read(ctx.inputs[spec.concept[0]] / MANIFEST) if spec.concept else {}
+    components = model_manifest.get("components", {})
+    concept_components = concept_manifest.get("components", {})
+    metadata: dict[str, Any] = {key: read(source(part, key)) for key, part in spec.metrics.items()}
+    metadata.update({
+        "params": components.get("params", {}),
+        "concept_params": concept_components.get("params", {}),
+        **{f"{up}_digest": digest for up, digest in sorted(components.get("inputs", {}).items())},
+        "code_digests": {**components.get("code", {}),
+                         **{f"concept:{k}": v for k, v in concept_components.get("code", {}).items()}},
         "model_digest": model_manifest.get("digest"),
         "concept_digest": concept_manifest.get("digest"),
-        "backend": {**model_manifest.get("components", {}).get("backend", {}), **model_manifest.get("run", {})},
-    }
+        "backend": {**components.get("backend", {}), **model_manifest.get("run", {})},
+    })
     with project.store.staging("version") as version_dir:
-        shutil.copytree(model_dir / "saved_model", version_dir, dirs_exist_ok=True)
-        if (concept_dir / "saved_model" / "saved_model.pb").is_file():
-            shutil.copytree(concept_dir / "saved_model", version_dir / "concept")
-            if (concept_dir / "threshold.json").is_file():
-                shutil.copyfile(concept_dir / "threshold.json", version_dir / "concept" / "threshold.json")
+        shutil.copytree(servable, version_dir, dirs_exist_ok=True)
+        if concept is not None and concept.is_dir() and any(concept.iterdir()):
+            shutil.copytree(concept, version_dir / CONCEPT_DIR)
+        for env, rel, dest in spec.files:
+            src = source((env, rel), dest)
+            if src.is_file() and (version_dir / dest).parent.is_dir():
+                shutil.copyfile(src, version_dir / dest)
         version = project.models.find_identical(version_dir)
         if version is not None:
             ctx.log.line(f"version {version.number} already holds these files (a registration that was "
                          f"interrupted before its result was recorded): adopting it")
         else:
             version = project.models.register(version_dir, metadata)
-    accuracy = metadata["metrics"].get("accuracy")
+    accuracy = metadata.get("metrics", {}).get("accuracy") if isinstance(metadata.get("metrics"), dict) else None
     shown = f", test accuracy {accuracy:.4f}" if isinstance(accuracy, (int, float)) else ""
     ctx.log.line(f"registered {version.name} version {version.number}{shown}")
     (ctx.output / "version.json").write_text(json.dumps({"name": version.name, "version": version.number}) + "\n")

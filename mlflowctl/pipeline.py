@@ -19,10 +19,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from mlflowctl.backends import LogWriter, StageResult, StageRun, StoreLocation
-from mlflowctl.config import SCHEMA, full_schema, public, stage_env
+from mlflowctl.config import Setting, public, stage_env, stage_sections
 from mlflowctl.errors import ConfigError, MlflowctlError, StageFailed
 from mlflowctl.stores import MANIFEST
 
@@ -31,12 +31,39 @@ KEY_LENGTH = 20
 
 
 @dataclass(frozen=True)
+class Registration:
+    """What a registering stage copies into a new model version, by input (the stage's env var naming it).
+
+    ``servable``: (input, folder in it) whose content becomes the version's top level (what a server loads);
+    ``concept``: (input, folder in it) copied to ``concept/`` (the drift model, optional);
+    ``files``: (input, file in it, path in the version) copied if present;
+    ``metrics``: ``{metadata key: (input, JSON file in it)}`` read into the version's ``metadata.json``.
+    The version's metadata also gets the params, code, input and result digests of the servable's and the
+    concept's stage (from their results' manifests).
+    """
+
+    servable: tuple[str, str]
+    concept: tuple[str, str] | None = None
+    files: tuple[tuple[str, str, str], ...] = ()
+    metrics: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+
+    def as_params(self) -> dict[str, Any]:
+        return {"servable": list(self.servable), "concept": list(self.concept) if self.concept else None,
+                "files": [list(f) for f in self.files], "metrics": {k: list(v) for k, v in sorted(self.metrics.items())}}
+
+
+@dataclass(frozen=True)
 class Stage:
-    """One step of the pipeline.
+    """One step of the pipeline, declared by the project (``tasks/``).
 
     Either ``command`` (run by the backend, from the stage code folder) or
     ``action`` (run in the orchestrator, for light steps that only move
-    files or talk to a registry or a server) is set.
+    files or talk to a registry or a server) is set. ``settings`` are the
+    stage's own section of ``mlflowctl.yaml`` (named after the stage, or
+    ``params``): type, default, range and help of each key, and the
+    environment variable the stage sees it as. A stage that reads another
+    stage's section (or a core one, ``serving``) names it with ``params``
+    and declares nothing.
     """
 
     name: str
@@ -44,7 +71,8 @@ class Stage:
     code: tuple[str, ...] = ()                  # files under image/ whose content is part of the key
     inputs: tuple[tuple[str, str], ...] = ()    # (env var, upstream stage)
     output: str = "OUTPUT_DIR"                  # env var naming the output directory
-    params: str | None = None                   # config section (default: the stage name, if one exists)
+    settings: Mapping[str, Setting] = field(default_factory=dict)  # the stage's own config section
+    params: str | None = None                   # config section (default: the stage name, if it declares settings)
     action: Callable[..., None] | None = None   # action(project, ctx: ActionContext)
     still_valid: Callable[..., bool] | None = None  # still_valid(project, result_dir): for results that
     #                                                 stand for outside state (a deployment), is it still so?
@@ -54,12 +82,16 @@ class Stage:
     doc: str = ""
     replicas: str | None = None  # the setting of the section giving how many copies of ``command`` run as one
     #                              distributed job (StageRun.replicas); None: always one
+    pass_env: tuple[str, ...] = ()  # variables of the orchestrator's environment a local stage sees as they are
+    #                                 (names or patterns; not in the key: caches, credentials, never results)
+    registers: Registration | None = None  # a registering action: which input is the servable, which the concept
+    #                                        model (see mlflowctl.model_registry.register_model)
 
     @property
     def section(self) -> str | None:
         if self.params is not None:
             return self.params
-        return self.name if isinstance(SCHEMA.get(self.name), dict) else None
+        return self.name if self.settings else None
 
     @property
     def upstream(self) -> list[str]:
@@ -75,6 +107,8 @@ class ActionContext:
     output: Path
     log: LogWriter
     components: dict[str, Any]  # what the stage's cache key was made of
+    registration: Registration | None = None  # Stage.registers
+    producers: dict[str, str] = field(default_factory=dict)  # input env var -> the stage that produced it
 
 
 @dataclass
@@ -112,8 +146,10 @@ def digest_json(data: Any) -> str:
 class Pipeline:
     """The stages of a project, resolved against its store and backend."""
 
-    def __init__(self, project: Any, stages: list[Stage]) -> None:
+    def __init__(self, project: Any, stages: list[Stage] | tuple[Stage, ...] | None = None) -> None:
         self.project = project
+        if stages is None:
+            stages = project.stages
         self.stages = {s.name: s for s in stages}
         # result digests by stage, valid until a stage of this pipeline publishes (run() clears it)
         self._digests: dict[str, str | None] = {}
@@ -137,17 +173,33 @@ class Pipeline:
         if stage.action is not None:
             src = Path(stage.action.__code__.co_filename)
             digests[f"action:{stage.action.__module__}.{stage.action.__qualname__}"] = file_digest(src)
+        if stage.section == "serving":  # a stage acting through the serving target: its code (and the
+            digests.update(target_code_digests(self.project.serving))  # files it serves with) join the key
         return digests
 
     def params(self, stage: Stage) -> dict[str, Any]:
         section = stage.section
         extra = {k: self.project.config[k] for k in stage.keys}
+        if stage.registers is not None:
+            extra["registers"] = stage.registers.as_params()
         if not section:
             return extra
+        schema = self.project.config.schema
+        if section not in schema:
+            raise MlflowctlError(f"stage {stage.name}: reads the settings section {section!r}, which no stage of "
+                                 f"this project declares", hint=f"declare its settings on the stage {section} "
+                                                                f"(Stage(settings=...)) or fix params=")
         values = self.project.config[section]
         if section == "serving":  # only the selected target's settings matter
             values = {"target": values["target"], values["target"]: values.get(values["target"], {})}
-        return {**public(values, full_schema(self.project.pm.registry)[section]), **extra}
+        return {**public(values, schema[section]), **extra}
+
+    def rerun_command(self, stage_name: str) -> str:
+        """``doit STAGE key=value ...``: the command that runs the stage again with this run's overrides."""
+        import shlex
+
+        overrides = getattr(self.project.config, "overrides", None) or {}
+        return shlex.join(["doit", stage_name, *(f"{k}={v}" for k, v in overrides.items())])
 
     def result_digest(self, stage_name: str) -> str | None:
         """Digest of the stage's current complete result, or None if it has none yet."""
@@ -207,7 +259,7 @@ class Pipeline:
         info = self.resolve(self.stages[stage_name])
         if (info.key is None or not self.project.store.exists(info.path)
                 or not self.intact(self.stages[stage_name], info, deep=True)):
-            raise MlflowctlError(f"stage {stage_name} has no current result", hint=f"doit {stage_name}")
+            raise MlflowctlError(f"stage {stage_name} has no current result", hint=self.rerun_command(stage_name))
         return self.project.store.fetch(info.path)
 
     # -- explaining -------------------------------------------------------
@@ -252,7 +304,7 @@ class Pipeline:
         info = self.resolve(stage)
         if info.key is None:
             raise MlflowctlError(f"stage {stage.name}: inputs {', '.join(info.missing_inputs)} have no result",
-                                 hint=f"doit {info.missing_inputs[0]}")
+                                 hint=self.rerun_command(info.missing_inputs[0]))
         log_path = project.state_dir / "logs" / f"{stage.name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log_path.write_text("")
@@ -269,7 +321,7 @@ class Pipeline:
                 outputs = {stage.output: out}
             run = StageRun(
                 stage=stage.name, command=list(stage.command), workdir=project.stage_code_dir,
-                env=self.stage_env(stage), replicas=self.replicas(stage), inputs=inputs, outputs=outputs, locations=locations,
+                env=self.stage_env(stage), pass_env=stage.pass_env, replicas=self.replicas(stage), inputs=inputs, outputs=outputs, locations=locations,
                 log_path=log_path, key=info.key,
             )
             hook = project.pm.hook
@@ -293,7 +345,7 @@ class Pipeline:
                     raise StageFailed(
                         f"stage {stage.name} failed with exit code {result.exit_code}"
                         + (f": {tail}" if tail else ""),
-                        hint=f"full log: {log_path}; re-run with: doit {stage.name}")
+                        hint=f"full log: {log_path}; re-run with: {self.rerun_command(stage.name)}")
             except BaseException as exc:
                 self._record_run_state(stage.name, state="failed", **begun, finished_at=time.time(),
                                        duration=round(time.monotonic() - started, 3),
@@ -358,7 +410,7 @@ class Pipeline:
             locations[stage.output] = StoreLocation(self.project.store, f".staging/{stage.name}-{key or 'pending'}",
                                                     read_only=False)
             run = StageRun(stage=stage.name, command=list(stage.command), workdir=self.project.stage_code_dir,
-                           env=self.stage_env(stage), replicas=self.replicas(stage), inputs=inputs,
+                           env=self.stage_env(stage), pass_env=stage.pass_env, replicas=self.replicas(stage), inputs=inputs,
                            outputs={} if in_store else {stage.output: folder / "outputs" / stage.name},
                            locations=locations, log_path=folder / "logs" / f"{stage.name}.log", key=key)
             written += [p for p in self.project.backend.render(run, folder) if p not in written]
@@ -379,7 +431,8 @@ class Pipeline:
         """
         stage = self.stages[stage_name]
         if not stage.command:
-            raise MlflowctlError(f"stage {stage_name} runs in the orchestrator; run it with: doit {stage_name}")
+            raise MlflowctlError(f"stage {stage_name} runs in the orchestrator; run it with: "
+                                 f"{self.rerun_command(stage_name)}")
         out.mkdir(parents=True, exist_ok=True)
         log_path = out / "_logs" / f"{stage.name}.log"
         locations = {env: StoreLocation(self.project.store, self.resolve(self.stages[up]).path)
@@ -390,7 +443,7 @@ class Pipeline:
             with self.project.store.remote_staging(stage.name) as staging:
                 locations[stage.output] = StoreLocation(self.project.store, staging, read_only=False)
                 run = StageRun(stage=stage.name, command=list(stage.command), workdir=self.project.stage_code_dir,
-                               env=self.stage_env(stage), replicas=self.replicas(stage), inputs={}, outputs={}, locations=locations,
+                               env=self.stage_env(stage), pass_env=stage.pass_env, replicas=self.replicas(stage), inputs={}, outputs={}, locations=locations,
                                log_path=log_path, key="uncached")
                 with _live(run):
                     result = self.project.backend.run(run)
@@ -398,7 +451,7 @@ class Pipeline:
                 return result
         inputs = {env: self.current_result(up) for env, up in stage.inputs}
         run = StageRun(stage=stage.name, command=list(stage.command), workdir=self.project.stage_code_dir,
-                       env=self.stage_env(stage), replicas=self.replicas(stage), inputs=inputs, outputs={stage.output: out}, locations=locations,
+                       env=self.stage_env(stage), pass_env=stage.pass_env, replicas=self.replicas(stage), inputs=inputs, outputs={stage.output: out}, locations=locations,
                        log_path=log_path, key="uncached")
         with _live(run):
             return self.project.backend.run(run)
@@ -417,15 +470,19 @@ class Pipeline:
         return count
 
     def stage_env(self, stage: Stage) -> dict[str, str]:
+        """What the stage's process sees besides its folders: who it is, and its declared settings (a local
+        backend adds an allowlist of its own environment and the stage's ``pass_env``, never the whole shell)."""
         env = {"STAGE_NAME": stage.name, "MLFLOWCTL_PROJECT": self.project.name,
                "MODEL_NAME": self.project.model_name, "PYTHONUNBUFFERED": "1"}
-        if stage.section:
-            env.update(stage_env(stage.section, self.project.config[stage.section]))
+        declared = stage_sections(self.stages.values()).get(stage.section or "")
+        if declared:
+            env.update(stage_env(declared, self.project.config[stage.section]))
         return env
 
     def _run_action(self, stage: Stage, run: StageRun, info: KeyInfo, started: float) -> StageResult:
         with LogWriter(run) as log:
-            ctx = ActionContext(stage.name, run.inputs, run.outputs[stage.output], log, info.components)
+            ctx = ActionContext(stage.name, run.inputs, run.outputs[stage.output], log, info.components,
+                                registration=stage.registers, producers=dict(stage.inputs))
             try:
                 stage.action(self.project, ctx)
             except MlflowctlError as exc:
@@ -433,6 +490,20 @@ class Pipeline:
                 raise StageFailed(f"stage {stage.name} failed: {exc.message}", hint=exc.hint,
                                   exit_code=exc.exit_code) from exc
         return StageResult(0, time.monotonic() - started, run.log_path)
+
+
+def target_code_digests(target: Any) -> dict[str, str]:
+    """Digests of a serving target's own module and of the files it says it serves with
+    (``code_files()``, optional): an updated target or server re-runs the stages that use it."""
+    digests = {}
+    module = getattr(sys.modules.get(type(target).__module__), "__file__", None)
+    if module and Path(module).is_file():
+        digests[f"target:{type(target).__module__}"] = file_digest(Path(module))
+    code_files = getattr(target, "code_files", None)
+    for path in (code_files() if callable(code_files) else ()):
+        with contextlib.suppress(OSError):
+            digests[f"target:{Path(path).name}"] = file_digest(Path(path))
+    return digests
 
 
 def diff_components(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

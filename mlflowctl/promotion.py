@@ -13,6 +13,7 @@ from typing import Any
 from mlflowctl.errors import GateFailed, MlflowctlError
 
 ENDPOINT_FILE = "endpoint.json"
+REPORT_INPUT = "REPORT_DIR"  # promote's input holding the gate's report.json ({"passed", "accuracy", ...})
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -50,7 +51,7 @@ def deployment_holds(project: Any, result_dir: Path) -> bool:
 
 def promote_version(project: Any, ctx: Any) -> None:
     """Stage action of ``promote``: make the tested version ``stable``, or withdraw it."""
-    report = _read(ctx.inputs["REPORT_DIR"] / "report.json")
+    report = _read(ctx.inputs[REPORT_INPUT] / "report.json")
     number = int(_read(ctx.inputs["ENDPOINT_DIR"] / ENDPOINT_FILE)["version"])
     models, target = project.models, project.serving
     version = models.get(number)

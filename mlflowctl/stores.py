@@ -1,7 +1,7 @@
 """The artifact-store contract: where stage results and model versions live.
 
 Paths inside a store are ``/``-separated and relative to the store root
-(``results/train_model/<key>``, ``models/mnist/3``). Stage code never sees a
+(``results/<stage>/<key>``, ``models/<name>/3``). Stage code never sees a
 store: the orchestrator asks the store for a *local* directory holding an
 input (:meth:`Store.fetch`) and for a fresh local directory to write an output
 into (:meth:`Store.staging`), then publishes that directory atomically

@@ -183,7 +183,7 @@ class Dashboard:
 
         self._config_stamp = stamp
         try:
-            self.project = Project(self.root, self.overrides)
+            self.project = Project(self.root, self.overrides, stages=self.stages)
             self.config_error = None
             self._immutable.clear()  # the store may be another one now
         except MlflowctlError as exc:  # keep showing the last good config, say what is wrong

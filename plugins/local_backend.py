@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflowctl import hookimpl
-from mlflowctl.backends import Backend, LogWriter, StageResult, StageRun
+from mlflowctl.backends import Backend, LogWriter, StageResult, StageRun, host_environment
 from mlflowctl.config import Setting
 from mlflowctl.errors import MlflowctlError
 
@@ -30,7 +30,11 @@ class LocalBackend(Backend):
     description = "stages run as processes on this machine"
     settings = {
         "python": Setting(str, "", "interpreter for stage scripts (default: the one running mlflowctl)"),
-        "stop_timeout": Setting(float, 10.0, "seconds between SIGTERM and SIGKILL when a stage is cancelled"),
+        "stop_timeout": Setting(float, 10.0, "seconds between SIGTERM and SIGKILL when a stage is cancelled",
+                                min=0, max=3600),
+        "pass_env": Setting(list, [], "more variables of your environment that stages see (names or patterns such "
+                                      "as MY_*), besides PATH, HOME, locale, proxies and CA bundles; they are not part "
+                                      "of the cache key, so pass nothing that changes results"),
     }
 
     def interpreter(self) -> str:
@@ -46,7 +50,7 @@ class LocalBackend(Backend):
         return cmd
 
     def environment(self, run: StageRun) -> dict[str, str]:
-        env = {**os.environ, **run.env}
+        env = {**host_environment([*(self.config.get("pass_env") or ()), *run.pass_env]), **run.env}
         env.update({name: str(path) for name, path in {**run.inputs, **run.outputs}.items()})
         return env
 

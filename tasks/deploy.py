@@ -1,17 +1,4 @@
 """Stage ``deploy``: the serving target serves the new version as ``canary`` beside ``stable``."""
-from mlflowctl.doit_glue import stage_task
-from mlflowctl.pipeline import Stage
-from mlflowctl.promotion import deploy_version, deployment_holds
+from mlflowctl.stages import deploy_stage
 
-DEPLOY = Stage(
-    name="deploy",
-    action=deploy_version,
-    still_valid=deployment_holds,
-    inputs=(("VERSION_DIR", "register"),),
-    params="serving",
-    doc="serve the registered version (as canary) on the configured serving target",
-)
-
-
-def task_deploy():
-    return stage_task(DEPLOY)
+DEPLOY = deploy_stage(register="register")

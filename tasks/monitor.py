@@ -1,5 +1,5 @@
 """Stage ``monitor``: drift of live traffic against the training distribution, with a plot."""
-from mlflowctl.doit_glue import stage_task
+from mlflowctl.config import Setting
 from mlflowctl.pipeline import Stage
 
 MONITOR = Stage(
@@ -8,9 +8,9 @@ MONITOR = Stage(
     code=("monitor.py", "endpoint_client.py", "common.py"),
     inputs=(("ENDPOINT_DIR", "promote"),),
     output="OUTPUT_DIR",
+    settings={
+        "max_drift_rate": Setting(float, 0.5, "share of out-of-distribution requests above which monitor fails",
+                                  min=0, max=1),
+    },
     doc="report drift of the stable version's live traffic (markdown + PNG); fail above monitor.max_drift_rate",
 )
-
-
-def task_monitor():
-    return stage_task(MONITOR)

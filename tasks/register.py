@@ -1,17 +1,13 @@
 """Stage ``register``: the trained classifier (with its concept model) becomes version N."""
-from mlflowctl.doit_glue import stage_task
-from mlflowctl.model_registry import drop_superseded_version, register_trained_model
-from mlflowctl.pipeline import Stage
+from mlflowctl.pipeline import Registration
+from mlflowctl.stages import register_stage
 
-REGISTER = Stage(
-    name="register",
-    action=register_trained_model,
+REGISTER = register_stage(
+    Registration(
+        servable=("MODEL_DIR", "saved_model"),
+        concept=("CONCEPT_DIR", "saved_model"),
+        files=(("CONCEPT_DIR", "threshold.json", "concept/threshold.json"),),
+        metrics={"metrics": ("MODEL_DIR", "metrics.json"), "concept_metrics": ("CONCEPT_DIR", "metrics.json")},
+    ),
     inputs=(("MODEL_DIR", "train_model"), ("CONCEPT_DIR", "train_concept")),
-    keys=("model_name",),
-    superseded=drop_superseded_version,
-    doc="register the trained model as the next version under models/<name>/<N>/",
 )
-
-
-def task_register():
-    return stage_task(REGISTER)

@@ -32,6 +32,13 @@ def make_project(dest: Path, yaml_text: str | None = None, stage_code: Path | No
     return dest
 
 
+def example_stages() -> tuple:
+    """The example project's stage declarations (tasks/), whose settings its mlflowctl.yaml holds."""
+    from mlflowctl.project import load_stages
+
+    return load_stages(REPO)
+
+
 @pytest.fixture
 def project_dir(tmp_path: Path) -> Path:
     return make_project(tmp_path / "proj")

@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from mlflowctl.config import Setting, load_config, public, full_schema
+from conftest import example_stages
+from mlflowctl.config import Setting, public, full_schema
+from mlflowctl.config import load_config as core_load_config
 from mlflowctl.errors import EXIT_CONFIG, ConfigError
 from mlflowctl.plugin_manager import build_plugin_manager
 
@@ -15,6 +17,11 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def registry():
     return build_plugin_manager(load_entry_points=False).registry
+
+
+def load_config(path, overrides=None, registry=None):
+    """The example project's schema: the core's, the plugins' and its stages' settings (tasks/)."""
+    return core_load_config(path, overrides, registry=registry, stages=example_stages())
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -124,11 +131,11 @@ def test_parsed_config_is_cached_until_the_file_changes(tmp_path):
     from mlflowctl.project import Project
 
     path = write(tmp_path, "train_model:\n  epochs: 3\n")
-    assert Project(tmp_path, {}).config["train_model"]["epochs"] == 3
+    assert Project(tmp_path, {}, stages=example_stages()).config["train_model"]["epochs"] == 3
     cache = tmp_path / ".mlflowctl" / "config.cache.json"
     assert cache.is_file()
     path.write_text("train_model:\n  epochs: 4\n")  # same size, same inode, maybe the same mtime tick
-    assert Project(tmp_path, {}).config["train_model"]["epochs"] == 4
+    assert Project(tmp_path, {}, stages=example_stages()).config["train_model"]["epochs"] == 4
     path.write_text("train_model:\n  epochs: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
-        Project(tmp_path, {})
+        Project(tmp_path, {}, stages=example_stages())

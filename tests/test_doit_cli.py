@@ -40,7 +40,7 @@ def test_ctrl_c_stops_the_stage_process_group_and_publishes_nothing(tmp_path, jo
     root = make_project(tmp_path / "proj", stage_code=slow_stage_code(tmp_path))
     pid_file = tmp_path / "child.pid"
     env = {**doit_env(), "PID_FILE": str(pid_file)}
-    proc = subprocess.Popen([DOIT, "-n", jobs, "data"], cwd=root, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([DOIT, "-n", jobs, "data", "backends.local.pass_env=PID_FILE"], cwd=root, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 60

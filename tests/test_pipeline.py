@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 import mlflowctl
+from mlflowctl.config import Setting
 from mlflowctl.errors import StageFailed, MlflowctlError
 from mlflowctl.pipeline import Pipeline, Stage
 from mlflowctl.project import Project
@@ -60,11 +61,15 @@ class Recorder:
         return None
 
 
+SETTINGS = {"learning_rate": Setting(float, 0.001, "step size", min=1e-12, max=10),
+            "epochs": Setting(int, 5, "passes", min=1)}
 STAGES = [
-    Stage("produce", command=("python", "produce.py"), code=("produce.py",), output="OUT", params="train_model"),
+    Stage("produce", command=("python", "produce.py"), code=("produce.py",), output="OUT", params="train_model",
+          settings=SETTINGS),
     Stage("consume", command=("python", "consume.py"), code=("consume.py",), inputs=(("SRC", "produce"),),
-          output="OUT", params="train_model"),
-    Stage("other", command=("python", "produce.py"), code=("produce.py",), output="OUT", params="train_concept"),
+          output="OUT", params="train_model", pass_env=("FAIL_CONSUME",)),
+    Stage("other", command=("python", "produce.py"), code=("produce.py",), output="OUT", params="train_concept",
+          settings=SETTINGS),
 ]
 
 
@@ -78,7 +83,7 @@ def root(tmp_path: Path) -> Path:
 
 
 def make(root: Path, overrides: dict | None = None, recorder: Recorder | None = None) -> Pipeline:
-    project = Project(root, overrides or {}, extra_plugins=(recorder,) if recorder else ())
+    project = Project(root, overrides or {}, extra_plugins=(recorder,) if recorder else (), stages=STAGES)
     return Pipeline(project, STAGES)
 
 
@@ -155,7 +160,7 @@ def test_a_plugin_can_veto_a_stage(root):
             if stage == "other":
                 raise MlflowctlError("change freeze: no training on Fridays")
 
-    p = Pipeline(Project(root, {}, extra_plugins=(Veto(),)), STAGES)
+    p = Pipeline(Project(root, {}, extra_plugins=(Veto(),), stages=STAGES), STAGES)
     with pytest.raises(MlflowctlError, match="change freeze"):
         p.run("other")
     assert not p.is_complete(p.stages["other"])
@@ -163,7 +168,7 @@ def test_a_plugin_can_veto_a_stage(root):
 
 def test_unknown_input_stage_is_rejected(root):
     with pytest.raises(MlflowctlError, match="input from unknown stage 'nope'"):
-        Pipeline(Project(root, {}), [Stage("x", command=("true",), inputs=(("A", "nope"),))])
+        Pipeline(Project(root, {}, stages=STAGES), [Stage("x", command=("true",), inputs=(("A", "nope"),))])
 
 
 def test_state_folder_is_marked_as_a_cache(root):

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 import mlflowctl
-from mlflowctl.config import load_config
+from conftest import example_stages
+from mlflowctl.config import Setting, load_config
 from mlflowctl.errors import EXIT_CONFIG, ConfigError, MlflowctlError
 from mlflowctl.pipeline import Pipeline, Stage
 from mlflowctl.plugin_manager import build_plugin_manager
@@ -33,11 +34,13 @@ out.mkdir()
 (out / "saved_model.pb").write_text("weights " + os.environ["STAGE_NAME"] + " " + os.environ["LEARNING_RATE"])
 """
 
+SETTINGS = {"learning_rate": Setting(float, 0.001, "step size", min=1e-12, max=10)}
 STAGES = [
     Stage("produce", command=("python", "train.py"), code=("train.py",), output="OUT", params="train_model"),
-    Stage("train_model", command=("python", "train.py"), code=("train.py",), output="OUT", params="train_model"),
+    Stage("train_model", command=("python", "train.py"), code=("train.py",), output="OUT", params="train_model",
+          settings=SETTINGS),
     Stage("train_concept", command=("python", "train.py"), code=("train.py",), output="OUT",
-          params="train_concept"),
+          params="train_concept", settings=SETTINGS),
     REGISTER,
 ]
 
@@ -51,7 +54,7 @@ def root(tmp_path: Path) -> Path:
 
 
 def make(root: Path, overrides: dict | None = None, plugins: tuple = ()) -> Pipeline:
-    return Pipeline(Project(root, overrides or {}, extra_plugins=plugins), STAGES)
+    return Pipeline(Project(root, overrides or {}, extra_plugins=plugins, stages=STAGES), STAGES)
 
 
 def registered(p: Pipeline) -> int:
@@ -234,7 +237,7 @@ from test_doit_cli import DOIT, _alive, slow_stage_code  # noqa: E402
 def start_slow_data(tmp_path: Path, root: Path, env_extra: dict | None = None):
     pid_file = tmp_path / "child.pid"
     env = {**doit_env(), "PID_FILE": str(pid_file), **(env_extra or {})}
-    proc = subprocess.Popen([DOIT, "data"], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen([DOIT, "data", "backends.local.pass_env=PID_FILE"], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     deadline = time.monotonic() + 60
     while not pid_file.exists():
@@ -273,7 +276,7 @@ def test_a_second_doit_waits_a_bounded_time_then_fails_with_one_line(tmp_path):
     first, _ = start_slow_data(tmp_path, root)
     try:
         env = {**doit_env(), "PID_FILE": str(tmp_path / "second.pid"), "MLFLOWCTL_LOCK_TIMEOUT": "1"}
-        second = subprocess.run([DOIT, "data"], cwd=root, env=env, capture_output=True, text=True, timeout=60)
+        second = subprocess.run([DOIT, "data", "backends.local.pass_env=PID_FILE"], cwd=root, env=env, capture_output=True, text=True, timeout=60)
     finally:
         stop(first)
     assert second.returncode == 5, second.stdout + second.stderr
@@ -344,7 +347,8 @@ def _registry_with_secret(choices=()):
 def load_text(tmp_path: Path, text: str, registry=None, overrides=None):
     path = tmp_path / "mlflowctl.yaml"
     path.write_text(text)
-    return load_config(path, overrides or {}, registry=registry or build_plugin_manager(load_entry_points=False).registry)
+    return load_config(path, overrides or {}, registry=registry or build_plugin_manager(load_entry_points=False).registry,
+                       stages=example_stages())
 
 
 @pytest.mark.parametrize("yaml_text", [

@@ -90,7 +90,7 @@ def test_curl_command_and_input_width():
 
 # ---------------------------------------------------------------- state from real runs (tiny stages)
 def tiny_loader(root: Path, overrides: dict) -> Pipeline:
-    return Pipeline(Project(root, overrides), STAGES)
+    return Pipeline(Project(root, overrides, stages=STAGES), STAGES)
 
 
 def by_name(state: dict) -> dict:

@@ -295,7 +295,7 @@ class KubeBackend(Backend):
         if int(self.setting("ttl_seconds_after_finished")):
             spec["ttlSecondsAfterFinished"] = int(self.setting("ttl_seconds_after_finished"))
         return {"apiVersion": "batch/v1", "kind": "Job",
-                "metadata": {"name": name, "namespace": self.kube.namespace, "labels": labels}, "spec": spec}
+                "metadata": {"name": name, "namespace": self.namespace_for_manifests(), "labels": labels}, "spec": spec}
 
     def tfjob_manifest(self, run: StageRun, name: str, image: str) -> dict[str, Any]:
         """The ``kubeflow.org/v1`` TFJob for ``run.replicas`` > 1: a Chief and replicas-1 Workers, each pod the

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from kube_fixtures import leftovers
+from mlflowctl.errors import ConfigError, StageFailed
 from test_k8s_backend import make_backend, store_run, write_stage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,3 +83,143 @@ def test_a_failing_worker_fails_the_tfjob_with_its_exit_code(backend, tmp_path, 
     assert result.detail["pod"].endswith("-worker-0")
     assert result.duration < 80  # the waiting chief was not waited for
     assert leftovers(kube_cluster, pvc_claim[0]) == []
+
+
+# -- bad input: one line each, nothing left on the cluster ----------------------------------------------------
+
+def tfjobs_left(kube_cluster, namespace: str, group: str = "kubeflow.org") -> list[str]:
+    from kubernetes import client
+
+    custom = client.CustomObjectsApi(kube_cluster.api)
+    try:
+        items = custom.list_namespaced_custom_object(group, "v1", namespace, "tfjobs")["items"]
+    except client.exceptions.ApiException as exc:
+        if exc.status == 404:  # no such resource: nothing can be left
+            return []
+        raise
+    return [f"tfjob/{i['metadata']['name']}" for i in items if not i["metadata"].get("deletionTimestamp")]
+
+
+@pytest.fixture
+def operatorless_group(kube_cluster, monkeypatch):
+    """A real CRD shaped like the TFJob one (tfjobs, v1) in a group no operator watches: the API server
+    accepts the object, and nothing ever gives it a status. The backend is pointed at that group."""
+    from kubernetes import client
+
+    from mlflowctl_plugins import k8s_backend
+
+    group = "nooperator.mlflowctl.test"
+    ext = client.ApiextensionsV1Api(kube_cluster.api)
+    crd = {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+           "metadata": {"name": f"tfjobs.{group}"},
+           "spec": {"group": group, "scope": "Namespaced",
+                    "names": {"plural": "tfjobs", "singular": "tfjob", "kind": "TFJob", "listKind": "TFJobList"},
+                    "versions": [{"name": "v1", "served": True, "storage": True, "subresources": {"status": {}},
+                                  "schema": {"openAPIV3Schema": {"type": "object",
+                                                                 "x-kubernetes-preserve-unknown-fields": True}}}]}}
+    try:
+        ext.create_custom_resource_definition(crd)
+    except client.exceptions.ApiException as exc:
+        if exc.status != 409:
+            raise
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        got = ext.read_custom_resource_definition(f"tfjobs.{group}")
+        if any(c.type == "Established" and c.status == "True" for c in got.status.conditions or []):
+            break
+        time.sleep(0.2)
+    monkeypatch.setattr(k8s_backend, "TFJOB_GROUP", group)
+    return group
+
+
+def test_a_cluster_without_the_tfjob_crd_is_one_config_line(tmp_path, pvc_claim, docker_client, kube_cluster,
+                                                              monkeypatch):
+    """The backend asks the real API server for a TFJob resource it does not serve (a group without a CRD:
+    the shared cluster's real CRD stays installed for the other tests)."""
+    from mlflowctl_plugins import k8s_backend
+
+    monkeypatch.setattr(k8s_backend, "TFJOB_GROUP", "absent.mlflowctl.test")
+    namespace, claim = pvc_claim
+    backend = make_backend(tmp_path, namespace, claim)
+    write_stage(tmp_path, REPLICA)
+    run = store_run(backend, tmp_path)
+    run.replicas = 2
+    with pytest.raises(ConfigError) as err:
+        backend.run(run)
+    message = f"{err.value} {err.value.hint}"
+    assert "no TFJob CRD" in str(err.value) and "make tfjob-operator" in message, message
+    assert "\n" not in str(err.value) and err.value.exit_code == 3
+    assert leftovers(kube_cluster, namespace) == []
+
+
+def test_a_tfjob_no_operator_picks_up_fails_at_the_deadline_and_is_deleted(tmp_path, pvc_claim, docker_client,
+                                                                            kube_cluster, operatorless_group):
+    namespace, claim = pvc_claim
+    backend = make_backend(tmp_path, namespace, claim, start_timeout=4.0)
+    write_stage(tmp_path, REPLICA)
+    run = store_run(backend, tmp_path)
+    run.replicas = 2
+    started = time.monotonic()
+    with pytest.raises(StageFailed) as err:
+        backend.run(run)
+    assert time.monotonic() - started < 60
+    assert "no training operator picked up tfjob" in str(err.value) and "within 4s" in str(err.value)
+    assert "make tfjob-operator" in err.value.hint and "\n" not in str(err.value)
+    assert tfjobs_left(kube_cluster, namespace, operatorless_group) == []
+    assert leftovers(kube_cluster, namespace) == []
+
+
+def test_cancelling_a_running_tfjob_deletes_it_and_its_replicas(backend, tmp_path, kube_cluster, pvc_claim):
+    """What Ctrl-C does (the run's cancel event, as the pipeline sets it on SIGINT): TFJob and pods go."""
+    write_stage(tmp_path, "import time\nprint('up', flush=True)\ntime.sleep(120)\n")
+    run = store_run(backend, tmp_path)
+    run.replicas = 2
+    lines: list[str] = []
+    run.echo = lines.append
+    threading.Thread(target=lambda: (_wait_for(lambda: any("up" in l for l in lines), 120), run.cancelled.set()),
+                     daemon=True).start()
+    with pytest.raises(StageFailed):
+        backend.run(run)
+    assert any("up" in l for l in lines), lines
+    assert tfjobs_left(kube_cluster, pvc_claim[0]) == []
+    assert leftovers(kube_cluster, pvc_claim[0]) == []
+
+
+def _wait_for(predicate, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not predicate():
+        time.sleep(0.1)
+
+
+def test_render_writes_a_tfjob_for_workers_above_one_that_the_crd_schema_accepts(tmp_path, kube_namespace,
+                                                                                  kube_cluster, tfjob_operator):
+    """`mlflowctl render backend=k8s train_model.workers=2`: the train_model stage is a TFJob (Chief + 1 Worker),
+    valid against the CRD's schema (server-side dry run), the other stages stay Jobs."""
+    import yaml
+    from kubernetes import dynamic
+
+    from conftest import make_project
+    from kube_fixtures import k8s_settings
+    from test_e2e import mlflowctl
+
+    config = {"project": "render2", "model_name": "fmnist", "backend": "k8s", "store": "pvc://store/r",
+              "backends": {"k8s": k8s_settings(kube_namespace)}}
+    root = make_project(tmp_path / "proj", yaml.safe_dump(config, sort_keys=False))
+    out = mlflowctl(root, "render", "--out", "rendered", "train_model.workers=2").stdout.split()
+    docs = {Path(p).name: yaml.safe_load(Path(p).read_text()) for p in out if p.endswith(".yaml")}
+    assert "tfjob-train-model.yaml" in docs and "job-train-model.yaml" not in docs, sorted(docs)
+    assert "job-train-concept.yaml" in docs  # workers is train_model's setting only
+    tfjob = docs["tfjob-train-model.yaml"]
+    specs = tfjob["spec"]["tfReplicaSpecs"]
+    assert specs["Chief"]["replicas"] == 1 and specs["Worker"]["replicas"] == 1
+    client = dynamic.DynamicClient(kube_cluster.api)
+    resource = client.resources.get(api_version="kubeflow.org/v1", kind="TFJob")
+    resource.create(body=tfjob, namespace=kube_namespace, dry_run="All")
+    role = next(d for name, d in docs.items() if name.endswith(".yaml") and d.get("kind") == "Role") \
+        if any(d.get("kind") == "Role" for d in docs.values()) else None
+    assert role is None or any("tfjobs" in r["resources"] for r in role["rules"])
+    # one line for a bad worker count, nothing written
+    bad = mlflowctl(root, "render", "--out", "rendered-bad", "train_model.workers=0", check=False)
+    lines = [l for l in bad.stderr.splitlines() if l.strip()]
+    assert bad.returncode == 3 and len(lines) == 1 and "train_model.workers" in lines[0], bad.stderr
+    assert not (root / "rendered-bad").exists()

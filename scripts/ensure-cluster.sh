@@ -62,6 +62,7 @@ COMPONENTS="etcd kube-apiserver kube-controller-manager kube-scheduler coredns c
 COREDNS_VERSION="${COREDNS_VERSION:-v1.12.4}"
 DNS_IP=10.244.0.1          # the bridge's gateway address (the CNI bridge plugin's default gateway of $POD_CIDR)
 CLUSTER_DOMAIN=cluster.local
+API_DNAT="-s $POD_CIDR -d 10.96.0.1 -p tcp --dport 443 -m comment --comment mlflowctl-api -j DNAT --to-destination 127.0.0.1:6443"
 
 export PATH="$PATH:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/usr/local/go/bin"
 export DEBIAN_FRONTEND=noninteractive
@@ -265,6 +266,10 @@ ensure_firewall() {  # pods reach each other and this machine; nothing they send
   iptables -w -A "$FW_CHAIN" -s "$POD_CIDR" -j DROP
   iptables -w -A "$FW_CHAIN" -d "$POD_CIDR" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
   iptables -w -C FORWARD -j "$FW_CHAIN" 2>/dev/null || iptables -w -I FORWARD 1 -j "$FW_CHAIN"
+  # pods reach the API server through the kubernetes Service (in-cluster clients: Argo's executor); the API
+  # server listens on loopback only, so that one address is DNATed to 127.0.0.1:6443 before kube-proxy's
+  # rules (route_localnet on the bridge, ensure_bridge, lets the kernel deliver it)
+  iptables -w -t nat -C PREROUTING $API_DNAT 2>/dev/null || iptables -w -t nat -I PREROUTING 1 $API_DNAT
 }
 
 ensure_node_files() {
@@ -370,6 +375,7 @@ ensure_bridge() {  # the pods' bridge with its gateway address up front: CoreDNS
   ip link show "$BRIDGE" >/dev/null 2>&1 || ip link add "$BRIDGE" type bridge
   ip -4 addr show dev "$BRIDGE" | grep -q " $DNS_IP/" || ip addr add "$DNS_IP/${POD_CIDR#*/}" dev "$BRIDGE"
   ip link set "$BRIDGE" up
+  sysctl -qw "net.ipv4.conf.$BRIDGE.route_localnet=1"
 }
 
 dns_answers() {  # the API server's own Service resolves through CoreDNS
@@ -599,6 +605,7 @@ teardown() {
     done
   done
   iptables -w -D FORWARD -j "$FW_CHAIN" 2>/dev/null || true
+  iptables -w -t nat -D PREROUTING $API_DNAT 2>/dev/null || true
   iptables -w -F "$FW_CHAIN" 2>/dev/null || true
   iptables -w -X "$FW_CHAIN" 2>/dev/null || true
   for c in /sys/fs/cgroup/*/; do

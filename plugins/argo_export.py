@@ -34,7 +34,8 @@ RUNNER_DOCKERFILE = """\
 # the runner image of `mlflowctl export argo`: the project image + mlflowctl + the project's pipeline
 FROM {image}
 COPY mlflowctl-src /opt/mlflowctl-src
-RUN pip install --no-cache-dir --no-deps /opt/mlflowctl-src && pip install --no-cache-dir pluggy doit pyyaml
+RUN pip install --no-cache-dir --no-deps /opt/mlflowctl-src \
+ && pip install --no-cache-dir 'pluggy>=1.3' 'doit>=0.36' 'PyYAML>=6' 'requests>=2.28'
 COPY project /project
 """
 
@@ -230,6 +231,46 @@ def write(doc: dict[str, Any], out: str | None) -> str | None:
         raise ConfigError(f"export argo: cannot write {out}: {exc.strerror or exc}",
                           hint="choose a writable --out, or - for stdout") from None
     return None
+
+
+def runner_context(pipeline: Any, folder: Path, image: str = "") -> Path:
+    """The build context of the runner image: ``docker build -t <runner image> folder``.
+
+    The project image (``image``, default the k8s backend's) plus this mlflowctl (its source, installed
+    without the heavy SDKs, which the orchestrator stages do not import) and the project's pipeline
+    (``dodo.py``, ``tasks/``, ``mlflowctl.yaml``; ``image/`` for the code digests) under ``/project``."""
+    import shutil
+
+    import mlflowctl
+
+    project = pipeline.project
+    backend = project.backend
+    image = image or backend.setting("image") or backend.images.image_ref()
+    source = Path(mlflowctl.__file__).resolve().parent.parent
+    if not (source / "setup.py").is_file():
+        raise ConfigError(f"export argo: the runner image needs mlflowctl's source tree, and {source} has no setup.py",
+                          hint="install mlflowctl from a checkout (pip install -e)")
+    folder.mkdir(parents=True, exist_ok=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".mlflowctl", ".venv", ".git", "*.egg-info")
+    src = folder / "mlflowctl-src"
+    shutil.rmtree(src, ignore_errors=True)
+    src.mkdir()
+    for part in ("setup.py", "README.md", "mlflowctl", "plugins"):
+        if (source / part).is_dir():
+            shutil.copytree(source / part, src / part, ignore=ignore)
+        elif (source / part).is_file():
+            shutil.copy2(source / part, src / part)
+    dest = folder / "project"
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir()
+    for part in ("dodo.py", "mlflowctl.yaml", "tasks", "image"):
+        path = Path(project.root) / part
+        if path.is_dir():
+            shutil.copytree(path, dest / part, ignore=ignore)
+        elif path.is_file():
+            shutil.copy2(path, dest / part)
+    (folder / "Dockerfile").write_text(RUNNER_DOCKERFILE.format(image=image))
+    return folder
 
 
 def export(pipeline: Any, out: str | None, targets: list[str] | None = None, runner: str = "") -> str | None:

@@ -563,6 +563,7 @@ teardown() {
   local c bin
   bin="$(ls -1t "$CACHE"/k8s/*/kube-all 2>/dev/null | head -n 1 || true)"
   "$(dirname "$0")/ensure-tfjob-operator.sh" down >/dev/null 2>&1 || true   # started beside the control plane
+  "$(dirname "$0")/ensure-argo.sh" down >/dev/null 2>&1 || true
   say "stopping kubelet and kube-proxy"
   stop_component kubelet
   stop_component kube-proxy

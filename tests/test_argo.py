@@ -7,6 +7,7 @@ graph, the templates are the k8s backend's own Jobs/TFJobs with the same image.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -157,3 +158,86 @@ def test_export_to_a_file_writes_the_same_workflow(project, tmp_path):
     out = tmp_path / "wf.yaml"
     export(project, "--out", str(out))
     assert yaml.safe_load(out.read_text()) == yaml.safe_load(export(project).stdout)
+
+
+# -- run for real: the exported Workflow on the test cluster's Argo 3.6 controller ------------------------------
+
+@pytest.fixture(scope="session")
+def argo_controller(kube_cluster):
+    proc = subprocess.run([str(REPO / "scripts" / "ensure-argo.sh"), "up"], capture_output=True, text=True,
+                          timeout=3600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return True
+
+
+EXECUTOR_RULES = [  # the emissary executor's minimum (Argo's quick-start Role) + what the resource templates do
+    {"apiGroups": ["argoproj.io"], "resources": ["workflowtaskresults"], "verbs": ["create", "patch"]},
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "watch", "delete", "patch"]},
+    {"apiGroups": ["kubeflow.org"], "resources": ["tfjobs"], "verbs": ["create", "get", "list", "watch", "delete", "patch"]},
+]
+
+
+def wait_workflow(kube_cluster, namespace: str, name: str, seconds: float) -> dict:
+    import time
+
+    from kubernetes import client
+
+    custom = client.CustomObjectsApi(kube_cluster.api)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        wf = custom.get_namespaced_custom_object("argoproj.io", "v1alpha1", namespace, "workflows", name)
+        if (wf.get("status") or {}).get("phase") in ("Succeeded", "Failed", "Error"):
+            return wf
+        time.sleep(2)
+    raise AssertionError(f"workflow {name} did not finish in {seconds}s: {json.dumps(wf.get('status'))[-3000:]}")
+
+
+@pytest.mark.slow
+def test_the_exported_workflow_runs_on_argo_and_registers_what_doit_registers(tmp_path, pvc_claim, docker_client,
+                                                                              kube_cluster, argo_controller):
+    """`mlflowctl export argo --stage register | argo submit -` on the real controller: data, train_model and
+    train_concept run as the k8s backend's Jobs (resource templates), register runs in the runner image and
+    records version 1 in the claim's registry; `doit register backend=k8s` then trains the same model and finds
+    that version already registered (identical files): the same version."""
+    from kubernetes import client
+
+    from kube_fixtures import cluster_script, k8s_settings
+    from mlflowctl.cli import load_pipeline
+    from mlflowctl_plugins.argo_export import runner_context, runner_image
+    from test_e2e import doit, mlflowctl
+
+    namespace, claim = pvc_claim
+    config = {"project": "argorun", "model_name": "fmnist", "backend": "k8s", "store": f"pvc://{claim}/argo",
+              "data": {"dataset": "fashion-mnist"}, "train_model": {"epochs": 1, "steps": 40},
+              "train_concept": {"epochs": 1, "steps": 30},
+              "backends": {"k8s": k8s_settings(namespace, image_pull_policy="Never")}}
+    root = make_project(tmp_path / "proj", yaml.safe_dump(config, sort_keys=False))
+    pipeline = load_pipeline(root, {})
+    image = pipeline.project.backend.image(print)  # built by the docker backend's code, loaded into the node
+    runner = runner_image(pipeline)
+    context = runner_context(pipeline, tmp_path / "runner", image)
+    for _ in docker_client.api.build(path=str(context), tag=runner, network_mode="host", rm=True, decode=True):
+        assert "error" not in _, _
+    assert cluster_script("load-image", runner).returncode == 0
+    rbac = client.RbacAuthorizationV1Api(kube_cluster.api)
+    rbac.create_namespaced_role(namespace, {"metadata": {"name": "argo-executor"}, "rules": EXECUTOR_RULES})
+    rbac.create_namespaced_role_binding(namespace, {
+        "metadata": {"name": "argo-executor"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "argo-executor"},
+        "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": namespace}]})
+
+    doc = yaml.safe_load(export(root, "--stage", "register").stdout)
+    custom = client.CustomObjectsApi(kube_cluster.api)
+    created = custom.create_namespaced_custom_object("argoproj.io", "v1alpha1", namespace, "workflows", doc)
+    wf = wait_workflow(kube_cluster, namespace, created["metadata"]["name"], 1500)
+    nodes = {n["displayName"]: n["phase"] for n in wf["status"].get("nodes", {}).values()}
+    assert wf["status"]["phase"] == "Succeeded", (wf["status"].get("message"), nodes)
+    assert {nodes[s] for s in ("data", "train-model", "train-concept", "register")} == {"Succeeded"}, nodes
+    models = mlflowctl(root, "models").stdout
+    assert "fmnist" in models and " 1 " in f" {models} ", models
+
+    proc = doit(root, "register", timeout=1500)
+    log = proc.stdout + proc.stderr
+    assert "registered fmnist version 1" in log and "already holds these files" in log, log[-3000:]
+    models = mlflowctl(root, "models").stdout
+    assert " 2 " not in f" {models} ", models

@@ -223,3 +223,43 @@ def test_render_writes_a_tfjob_for_workers_above_one_that_the_crd_schema_accepts
     lines = [l for l in bad.stderr.splitlines() if l.strip()]
     assert bad.returncode == 3 and len(lines) == 1 and "train_model.workers" in lines[0], bad.stderr
     assert not (root / "rendered-bad").exists()
+
+
+# -- real distributed training: chief + worker as a TFJob, their ring formed through the cluster's DNS ---------
+
+@pytest.mark.slow
+def test_two_workers_train_as_a_tfjob_and_the_model_passes_the_gate(tmp_path, pvc_claim, docker_client, kube_cluster,
+                                                                   tfjob_operator):
+    """`doit backend=k8s train_model.workers=2`: the real operator runs a Chief and a Worker of the project's
+    image; TF_CONFIG names them by their Services' DNS names (resolved by the test cluster's CoreDNS); they
+    train as one MultiWorkerMirroredStrategy job; the registered version passes integration_test and is promoted."""
+    import yaml
+
+    from conftest import make_project
+    from kube_fixtures import k8s_settings
+    from test_e2e import doit, mlflowctl, ran
+    from test_k8s_e2e import SMALL
+
+    namespace, claim = pvc_claim
+    config = {**SMALL, "project": "k8sdist", "store": f"pvc://{claim}/dist",
+              "train_model": {**SMALL["train_model"], "workers": 2},
+              "backends": {"k8s": k8s_settings(namespace, start_timeout=240.0)}}
+    root = make_project(tmp_path / "proj", yaml.safe_dump(config, sort_keys=False))
+    try:
+        proc = doit(root, "-n", "2", timeout=1800)
+    finally:
+        mlflowctl(root, "serve", "stop", check=False)
+    assert {"train_model", "register", "integration_test", "promote"} <= set(ran(proc)), proc.stdout[-3000:]
+    assert "[train_model] tfjob mlflowctl-k8sdist-train-model-" in proc.stdout
+    from mlflowctl.project import Project
+
+    store = Project(root).store
+    (key,) = store.list("results/train_model")
+    metrics = json.loads(store.read_bytes(f"results/train_model/{key}/metrics.json"))
+    assert metrics["workers"] == 2 and metrics["accuracy"] >= 0.5, metrics
+    log = store.read_bytes(f"results/train_model/{key}/_logs/train_model.log").decode()
+    assert "worker-0: " in log and "2 replicas in sync" in log, log[-3000:]
+    (test_key,) = store.list("results/integration_test")
+    models = mlflowctl(root, "models").stdout
+    assert "stable" in models, models
+    assert tfjobs_left(kube_cluster, namespace) == [] and leftovers(kube_cluster, namespace) == []

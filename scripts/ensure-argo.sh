@@ -36,17 +36,9 @@ ARGOEXEC="$CACHE/go/bin/argoexec-$VERSION"
 PIDFILE="$STATE/run/argo-controller.pid"
 LOG="$STATE/logs/argo-controller.log"
 export PATH="$PATH:/usr/local/go/bin"
+# shellcheck source=lib-beside.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib-beside.sh"
 export GOMODCACHE="$CACHE/go/mod" GOCACHE="$CACHE/go/build" GOFLAGS=-mod=mod GOTOOLCHAIN=local CGO_ENABLED=0
-
-say() { printf '%s: %s\n' "$me" "$*"; }
-die() { printf '%s: ERROR: %s\n' "$me" "$*" >&2; exit 1; }
-running() {  # a live process, not a zombie
-  local p st; p="$(cat "$PIDFILE" 2>/dev/null)" || return 1
-  [ -n "$p" ] && kill -0 "$p" 2>/dev/null || return 1
-  st="$(awk '{print $3}' "/proc/$p/stat" 2>/dev/null)" || return 1
-  [ "$st" != "Z" ] && [ "$st" != "X" ]
-}
-kubectl_() { kubectl --kubeconfig "$KUBECONFIG_ADMIN" --request-timeout=30s "$@"; }
 
 source_dir() {  # the module's source, writable, from the module cache
   [ -d "$SRC" ] && return 0
@@ -110,12 +102,8 @@ data:
   telemetryConfig: |
     enabled: false
 EOF
+  wait_established workflows.argoproj.io
   local i
-  for ((i = 0; i < 120; i++)); do
-    kubectl_ get crd workflows.argoproj.io -o jsonpath='{.status.conditions[?(@.type=="Established")].status}' 2>/dev/null \
-      | grep -qx True && break
-    sleep 0.5
-  done
   if ! running; then
     ARGO_NAMESPACE="$NAMESPACE" LEADER_ELECTION_DISABLE=true setsid nohup "$CONTROLLER" \
       --kubeconfig "$KUBECONFIG_ADMIN" --namespace "$NAMESPACE" --configmap workflow-controller-configmap \
@@ -129,16 +117,6 @@ EOF
     done
   fi
   say "ready: Argo $VERSION controller pid $(cat "$PIDFILE"), executor $EXECUTOR_IMAGE (log: $LOG)"
-}
-
-down() {
-  running || { rm -f "$PIDFILE"; return 0; }
-  local p; p="$(cat "$PIDFILE")"
-  kill "$p" 2>/dev/null || true
-  for _ in $(seq 1 20); do kill -0 "$p" 2>/dev/null || break; sleep 0.25; done
-  kill -9 "$p" 2>/dev/null || true
-  rm -f "$PIDFILE"
-  say "stopped"
 }
 
 case "${1:-up}" in

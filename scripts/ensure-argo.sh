@@ -50,6 +50,10 @@ source_dir() {  # the module's source, writable, from the module cache
   rm -rf "$SRC.tmp"
   cp -r "$dir" "$SRC.tmp"
   chmod -R u+w "$SRC.tmp"
+  # upstream's workflow/executor/os-specific/signal_linux.go is a symlink to signal_darwin.go, and module zips
+  # carry no symlinks: without it argoexec does not build for linux (undefined: Setpgid). Put the file back.
+  local os_specific="$SRC.tmp/workflow/executor/os-specific"
+  [ -f "$os_specific/signal_linux.go" ] || cp "$os_specific/signal_darwin.go" "$os_specific/signal_linux.go"
   mv "$SRC.tmp" "$SRC"
 }
 
@@ -70,7 +74,8 @@ executor_image() {
   local ctx; ctx="$(mktemp -d)"
   cp "$ARGOEXEC" "$ctx/argoexec"
   printf 'FROM %s\nCOPY argoexec /bin/argoexec\nENTRYPOINT ["argoexec"]\n' "$BASE_IMAGE" > "$ctx/Dockerfile"
-  docker build -q -t "$EXECUTOR_IMAGE" "$ctx" >/dev/null || { rm -rf "$ctx"; die "docker build of $EXECUTOR_IMAGE failed"; }
+  docker build -q -t "$EXECUTOR_IMAGE" "$ctx" >>"$STATE/logs/argo-build.log" 2>&1 \
+    || { rm -rf "$ctx"; tail -n 5 "$STATE/logs/argo-build.log" >&2; die "docker build of $EXECUTOR_IMAGE failed"; }
   rm -rf "$ctx"
   say "built $EXECUTOR_IMAGE"
 }
@@ -90,7 +95,10 @@ up() {
   executor_image
   node_has_image || "$ROOT/scripts/ensure-cluster.sh" load-image "$EXECUTOR_IMAGE" 9>&- >/dev/null
   # the CRDs the cluster stores are the module's minimal ones (the full Workflow CRD is over etcd's size limit)
-  kubectl_ apply --server-side --force-conflicts -f "$SRC/manifests/base/crds/minimal" >/dev/null
+  local crd
+  for crd in "$SRC"/manifests/base/crds/minimal/argoproj.io_*.yaml; do
+    kubectl_ apply --server-side --force-conflicts -f "$crd" >/dev/null
+  done
   kubectl_ get namespace "$NAMESPACE" >/dev/null 2>&1 || kubectl_ create namespace "$NAMESPACE" >/dev/null
   kubectl_ apply --server-side --force-conflicts -f - >/dev/null <<EOF
 apiVersion: v1
@@ -112,7 +120,7 @@ EOF
     echo $! >"$PIDFILE"
     for ((i = 0; i < 120; i++)); do
       running || { tail -n 15 "$LOG" >&2; die "the controller exited (log: $LOG)"; }
-      grep -q 'Starting workflow TTL controller\|Started Workflow\|Workflow worker' "$LOG" 2>/dev/null && break
+      grep -q 'Starting CronWorkflow controller' "$LOG" 2>/dev/null && break
       sleep 0.5
     done
   fi

@@ -2,10 +2,10 @@
 training operator (v1.7.0, built from its Go module by scripts/ensure-tfjob-operator.sh, running beside
 the test cluster's control plane).
 
-The stage commands here are tiny: they read the ``TF_CONFIG`` the operator gives each replica and exit,
-without connecting to each other. The test cluster has no CoreDNS, so the operator's replica host names
-(``<tfjob>-worker-0.<namespace>.svc``) do not resolve in its pods and a real multi-worker training
-cannot form its ring there (see the README).
+Most stage commands here are tiny: they read the ``TF_CONFIG`` the operator gives each replica and exit.
+One test trains for real with 2 workers (the project image, MultiWorkerMirroredStrategy): the replicas find
+each other by the Service names in ``TF_CONFIG``, resolved by the test cluster's CoreDNS. Bad input (no CRD,
+no operator, cancel, a bad worker count) is one line each and leaves nothing on the cluster.
 """
 from __future__ import annotations
 
@@ -263,3 +263,34 @@ def test_two_workers_train_as_a_tfjob_and_the_model_passes_the_gate(tmp_path, pv
     models = mlflowctl(root, "models").stdout
     assert "stable" in models, models
     assert tfjobs_left(kube_cluster, namespace) == [] and leftovers(kube_cluster, namespace) == []
+
+
+def test_cluster_dns_answers_cluster_names_only_and_pods_reach_the_api_server(kube_cluster, kube_namespace):
+    """The test cluster's CoreDNS (scripts/ensure-cluster.sh): a pod resolves Services by the short names a
+    TFJob's TF_CONFIG uses, gets NXDOMAIN for any outside name (nothing is forwarded), and reaches the API
+    server through the kubernetes Service (what Argo's executor needs)."""
+    script = (
+        "import socket, ssl, urllib.request\n"
+        "print('svc', socket.gethostbyname('kubernetes.default.svc'))\n"
+        "try:\n    socket.gethostbyname('example.com'); print('outside resolved')\n"
+        "except OSError as e:\n    print('outside', type(e).__name__)\n"
+        "sa = '/var/run/secrets/kubernetes.io/serviceaccount/'\n"
+        "ctx = ssl.create_default_context(cafile=sa + 'ca.crt')\n"
+        "req = urllib.request.Request('https://kubernetes.default.svc/version',"
+        " headers={'Authorization': 'Bearer ' + open(sa + 'token').read()})\n"
+        "print('api', urllib.request.urlopen(req, context=ctx, timeout=10).status)\n")
+    kube_cluster.core.create_namespaced_pod(kube_namespace, {
+        "metadata": {"name": "dnsprobe"},
+        "spec": {"restartPolicy": "Never", "containers": [{
+            "name": "probe", "image": "python:3.11-slim", "imagePullPolicy": "Never",
+            "command": ["python", "-c", script]}]}})
+    deadline = time.monotonic() + 120
+    phase = None
+    while time.monotonic() < deadline:
+        phase = kube_cluster.core.read_namespaced_pod("dnsprobe", kube_namespace).status.phase
+        if phase in ("Succeeded", "Failed"):
+            break
+        time.sleep(0.5)
+    log = kube_cluster.core.read_namespaced_pod_log("dnsprobe", kube_namespace)
+    assert phase == "Succeeded", (phase, log)
+    assert "svc 10.96.0.1" in log and "outside gaierror" in log and "api 200" in log, log

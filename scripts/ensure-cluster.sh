@@ -17,7 +17,9 @@
 # (built from its Go module, github.com/coredns/coredns@$COREDNS_VERSION) runs as a process on the
 # bridge's gateway address 10.244.0.1:53, serving cluster.local from the API server (Services, headless
 # Services' pods: what a TFJob's TF_CONFIG names) and answering NXDOMAIN for every other name: it
-# forwards nothing outside. kubelet's clusterDNS points at it. The pause image is made here from Debian's catatonit;
+# forwards nothing outside. kubelet's clusterDNS points at it. In-cluster API clients (Argo's executor) reach
+# the API server, which listens on loopback only, through the kubernetes Service: 10.96.0.1:443 from the pod
+# subnet is DNATed to 127.0.0.1:6443 (route_localnet on the bridge). The pause image is made here from Debian's catatonit;
 # project images are imported from the Docker engine (`load-image`), never pulled.
 #
 # Caches (reused by CI on this machine): /var/cache/mlflowctl/go/{mod,build} (Go's module and build

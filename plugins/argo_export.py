@@ -78,7 +78,7 @@ def _env_by_param(pipeline: Any, stage: Any) -> dict[str, str]:
 
 
 def runner_image(pipeline: Any) -> str:
-    image = pipeline.project.backend.setting("image") or pipeline.project.backend.images.image_ref()
+    image = pipeline.project.backend.manifest_image()
     repo, _, tag = image.rpartition(":")
     return f"{repo}-runner:{tag}" if repo and "/" not in tag else f"{image}-runner"
 
@@ -97,10 +97,7 @@ def build_workflow(pipeline: Any, targets: list[str] | None = None, runner: str 
         raise ConfigError(f"export argo: the stages share results on a claim, and store is {store.url}",
                           hint="use a pvc:// store, e.g. store=pvc://mlflowctl/mnist")
     stages = _closure(pipeline, targets)
-    image = backend.setting("image") or backend.images.image_ref()
-    registry = str(backend.setting("registry")).rstrip("/")
-    if registry and not backend.setting("image"):
-        image = f"{registry}/{image.split('/', 1)[-1]}"
+    image = backend.manifest_image()
     runner = runner or runner_image(pipeline)
     claim, _ = store.pod_volume("")
     claim_name = claim["persistentVolumeClaim"]["claimName"]
@@ -148,7 +145,7 @@ def build_workflow(pipeline: Any, targets: list[str] | None = None, runner: str 
                    Env(name="MLFLOWCTL_ARGO_INPUTS", value=json.dumps({e: up for e, up in stage.inputs})),
                    Env(name="MLFLOWCTL_ARGO_OUTPUT", value=name),
                    *[Env(name=f"MLFLOWCTL_ARGO_PARAM_{p.replace('-', '__')}", value="{{workflow.parameters.%s}}" % p)
-                     for p, _, _, _ in parameters(pipeline) if stage.section and p.startswith(param_name(stage.section, ""))]]
+                     for p, _, _, _ in parameters(pipeline)]]  # all: the action records its inputs' settings too
             templates[name] = (Container, dict(
                 name=_template_name(name), image=runner, image_pull_policy=backend.setting("image_pull_policy"),
                 command=["python", "-m", "mlflowctl_plugins.argo_step", name], env=env,

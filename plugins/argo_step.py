@@ -9,7 +9,7 @@ writes its output there; the store it records into (the model registry) is the c
 Environment (set by ``mlflowctl export argo``): ``MLFLOWCTL_ARGO_STORE`` (the store URL at the mount),
 ``MLFLOWCTL_ARGO_WORKSPACE`` (the run's folder), ``MLFLOWCTL_ARGO_INPUTS`` (JSON: env name -> upstream
 stage), ``MLFLOWCTL_ARGO_OUTPUT`` (this stage's folder name) and ``MLFLOWCTL_ARGO_PARAM_<section>__<key>``
-(the workflow's parameters for the stage's section). Exit codes are mlflowctl's (errors.py).
+(every workflow parameter: the settings this run used, also those of the stages before). Exit codes are mlflowctl's (errors.py).
 """
 from __future__ import annotations
 
@@ -51,6 +51,8 @@ def main(argv: list[str]) -> int:
         for env, path in inputs.items():
             if not path.is_dir():
                 raise MlflowctlError(f"argo_step {name}: input {env} ({path}) is missing: did its stage run?")
+        for env, up in json.loads(os.environ.get("MLFLOWCTL_ARGO_INPUTS", "{}")).items():
+            _describe(pipeline, up, inputs[env])
         output = workspace / os.environ.get("MLFLOWCTL_ARGO_OUTPUT", name)
         output.mkdir(parents=True, exist_ok=True)
         stage.action(pipeline.project, ActionContext(name, inputs, output, _Log(), {}))  # type: ignore[arg-type]
@@ -58,6 +60,19 @@ def main(argv: list[str]) -> int:
     except MlflowctlError as exc:
         print(f"mlflowctl: {exc}", file=sys.stderr)
         return exc.exit_code
+
+
+def _describe(pipeline, stage_name: str, folder: Path) -> None:
+    """What doit's published result carries and the workspace's lacks: ``_manifest.json`` with the parts of
+    the stage's key the workflow knows (command, code digests, params as this run set them), so what an
+    action records from its inputs (register: the version's params and code digests) is what doit records."""
+    path = folder / "_manifest.json"
+    if path.exists() or stage_name not in pipeline.stages:
+        return
+    stage = pipeline.stages[stage_name]
+    components = {"stage": stage_name, "command": list(stage.command), "code": pipeline.code_digests(stage),
+                  "params": pipeline.params(stage)}
+    path.write_text(json.dumps({"stage": stage_name, "components": components}, indent=2, sort_keys=True))
 
 
 if __name__ == "__main__":

@@ -249,3 +249,7 @@ def test_the_exported_workflow_runs_on_argo_and_registers_what_doit_registers(tm
         assert argo_meta["metrics"][key] == doit_meta["metrics"][key], key
     assert abs(argo_meta["metrics"]["accuracy"] - doit_meta["metrics"]["accuracy"]) < 0.03, (argo_meta, doit_meta)
     assert argo_meta["concept_metrics"].keys() == doit_meta["concept_metrics"].keys()
+    # the settings and code it was trained with, as doit records them
+    assert argo_meta["params"] == doit_meta["params"] and argo_meta["params"]["steps"] == 40
+    assert argo_meta["concept_params"] == doit_meta["concept_params"]
+    assert argo_meta["code_digests"] == doit_meta["code_digests"]

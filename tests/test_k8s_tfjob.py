@@ -294,3 +294,40 @@ def test_cluster_dns_answers_cluster_names_only_and_pods_reach_the_api_server(ku
     log = kube_cluster.core.read_namespaced_pod_log("dnsprobe", kube_namespace)
     assert phase == "Succeeded", (phase, log)
     assert "svc 10.96.0.1" in log and "outside gaierror" in log and "api 200" in log, log
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_doit_deletes_the_running_tfjob(tmp_path, pvc_claim, docker_client, kube_cluster, tfjob_operator):
+    """A real SIGINT to `doit train_model` while its TFJob runs: one line, no traceback, no TFJob or pod left."""
+    import signal
+
+    import yaml
+
+    from conftest import VENV_BIN, doit_env, make_project
+    from kube_fixtures import k8s_settings
+    from test_k8s_e2e import SMALL
+
+    namespace, claim = pvc_claim
+    config = {**SMALL, "project": "k8sintr", "store": f"pvc://{claim}/intr",
+              "train_model": {**SMALL["train_model"], "workers": 2, "steps": 5000},
+              "backends": {"k8s": k8s_settings(namespace, start_timeout=240.0)}}
+    root = make_project(tmp_path / "proj", yaml.safe_dump(config, sort_keys=False))
+    proc = subprocess.Popen([str(VENV_BIN / "doit"), "train_model"], cwd=root, env=doit_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            pods = kube_cluster.core.list_namespaced_pod(namespace, label_selector="training.kubeflow.org/job-name").items
+            if len([p for p in pods if p.status and p.status.phase == "Running"]) == 2:
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError("the TFJob's replicas never ran")
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0 and "Traceback" not in out, out[-2000:]
+    assert "cancelling train_model" in out, out[-2000:]
+    assert tfjobs_left(kube_cluster, namespace) == [] and leftovers(kube_cluster, namespace) == []

@@ -5,6 +5,7 @@
 #   make bench      set up (venv + data) and run the benchmarks
 #   make venv|data|docker|seaweedfs|cluster   the individual set-up steps (idempotent, fast when done)
 #   make cluster    build (once, cached) and start the single-node test Kubernetes (tests/cluster/)
+#   make argo       the Argo Workflows controller (3.6, from its Go module) beside it, its executor image
 #   make cluster-down  stop it, leaving no process, mount, link, iptables rule or sysctl behind
 #   make clean      remove pipeline state (.mlflowctl/)
 #   make distclean  also remove the virtualenv (.venv/)
@@ -41,7 +42,7 @@ export DEBIAN_FRONTEND := noninteractive
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 
-.PHONY: help venv data docker seaweedfs cluster tfjob-operator cluster-down demo test bench clean distclean
+.PHONY: help venv data docker seaweedfs cluster tfjob-operator argo cluster-down demo test bench clean distclean
 
 help:
 	@echo "targets: demo test bench venv data docker seaweedfs cluster cluster-down clean distclean"
@@ -108,6 +109,12 @@ tfjob-operator: cluster
 	@if [ -n "$(NO_CLUSTER)" ]; then echo "tfjob-operator: skipped (NO_CLUSTER set)"; exit 0; fi; \
 	scripts/ensure-tfjob-operator.sh up
 
+# the Argo Workflows 3.6 controller beside the test cluster and its executor image: built once from the Go module
+# (the Workflow CRD's full schema, which tests/test_argo.py validates `mlflowctl export argo` against, comes with it)
+argo: cluster docker
+	@if [ -n "$(NO_CLUSTER)" ]; then echo "argo: skipped (NO_CLUSTER set)"; exit 0; fi; \
+	scripts/ensure-argo.sh up
+
 cluster-down:
 	scripts/ensure-cluster.sh down
 
@@ -124,7 +131,7 @@ demo: venv data
 	$(VBIN)/mlflowctl models
 	$(VBIN)/mlflowctl report
 
-test: venv data docker seaweedfs cluster
+test: venv data docker seaweedfs cluster argo
 	$(VBIN)/pytest -q -ra tests $(PYTEST_ARGS)
 
 bench: venv data

@@ -20,6 +20,7 @@ setup(
         "docker>=7",
         "kubernetes>=28",
         "Jinja2>=3.1",  # mlflowctl ui (imported only by that command)
+        "hera>=5.16,<8",  # mlflowctl export argo (imported only by that command)
     ],
     extras_require={
         "s3": ["boto3>=1.28"],

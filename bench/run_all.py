@@ -27,6 +27,7 @@ BENCHES = (
     ("s3", "bench_s3.py", 900),
     ("ui", "bench_ui.py", 300),
     ("k8s", "bench_k8s.py", 1800),
+    ("tfjob", "bench_tfjob.py", 1800),
 )
 
 

@@ -49,6 +49,16 @@ def _parser() -> argparse.ArgumentParser:
     setup = add("setup", "create what the backend needs before a run (k8s: ServiceAccount, Role, RoleBinding, "
                          "the store's claim)")
     setup.add_argument("--dry-run", action="store_true", help="ask the server to validate, change nothing")
+    export_help = ("write the pipeline for another orchestrator: argo, an argoproj.io/v1alpha1 Workflow "
+                   "(stages as the k8s backend's Jobs/TFJobs; `| argo submit -`)")
+    export = sub.add_parser("export", help=export_help, description=export_help)
+    export.add_argument("format", choices=("argo",), help="what to write")
+    export.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for doit")
+    export.add_argument("--out", default="-", help="file to write (default -: stdout)")
+    export.add_argument("--stage", action="append", default=[], metavar="NAME",
+                        help="only NAME and the stages it needs (repeatable; default: every stage)")
+    export.add_argument("--runner-image", default="", help="image of the orchestrator stages (register, deploy, "
+                                                             "promote); default <project image repo>-runner:<tag>")
     prune = add("prune", "remove old stage images and leftover containers of the docker backend")
     prune.add_argument("--keep", type=int, default=1, help="newest images to keep")
     ui = add("ui", "a read-only local web page: pipeline, model versions, gate verdicts, drift (live)")
@@ -277,6 +287,15 @@ def cmd_render(root: Path, overrides: dict[str, str], args: Any) -> int:
         print(path)
     for path in pipeline.project.backend.render_setup(folder / "setup"):
         print(path)
+    return EXIT_OK
+
+
+def cmd_export(root: Path, overrides: dict[str, str], args: Any) -> int:
+    from mlflowctl_plugins.argo_export import export
+
+    text = export(load_pipeline(root, overrides), args.out, args.stage, args.runner_image)
+    if text is not None:
+        sys.stdout.write(text)
     return EXIT_OK
 
 

@@ -295,7 +295,7 @@ class KubeBackend(Backend):
         if int(self.setting("ttl_seconds_after_finished")):
             spec["ttlSecondsAfterFinished"] = int(self.setting("ttl_seconds_after_finished"))
         return {"apiVersion": "batch/v1", "kind": "Job",
-                "metadata": {"name": name, "namespace": self.kube.namespace, "labels": labels}, "spec": spec}
+                "metadata": {"name": name, "namespace": self.namespace_for_manifests(), "labels": labels}, "spec": spec}
 
     def tfjob_manifest(self, run: StageRun, name: str, image: str) -> dict[str, Any]:
         """The ``kubeflow.org/v1`` TFJob for ``run.replicas`` > 1: a Chief and replicas-1 Workers, each pod the
@@ -453,15 +453,21 @@ class KubeBackend(Backend):
         import yaml
 
         folder.mkdir(parents=True, exist_ok=True)
-        image = self.setting("image") or self.images.image_ref()
-        registry = str(self.setting("registry")).rstrip("/")
-        if registry and not self.setting("image"):
-            image = f"{registry}/{image.split('/', 1)[-1]}"
+        image = self.manifest_image()
         kind = "tfjob" if run.replicas > 1 else "job"
         manifest = (self.tfjob_manifest if run.replicas > 1 else self.job_manifest)(run, self.job_name(run), image)
         path = folder / f"{kind}-{dns_name(run.stage)}.yaml"
         path.write_text(f"# stage {run.stage}: kubectl apply -f {path.name}\n" + yaml.safe_dump(manifest, sort_keys=False))
         return [path]
+
+    def manifest_image(self) -> str:
+        """The image written manifests name, nothing built: ``image`` as is, else the docker backend's tag (under
+        ``registry`` when one is set, where a run pushes it)."""
+        if self.setting("image"):
+            return str(self.setting("image"))
+        image = self.images.image_ref()
+        registry = str(self.setting("registry")).rstrip("/")
+        return f"{registry}/{image.split('/', 1)[-1]}" if registry else image
 
     def namespace_for_manifests(self) -> str:
         try:

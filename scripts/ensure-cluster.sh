@@ -13,13 +13,18 @@
 # (iptables mode: Services route). The runtime is a SECOND containerd from Debian with its own root,
 # state and socket (Docker's stays untouched), runc, and the CNI bridge plugins from Debian: pods get
 # 10.244.0.0/24 on the bridge mlflowctl0, no masquerade, and a FORWARD rule drops anything they send
-# beyond that subnet (they reach this machine and each other, nothing else). No CoreDNS: the k8s
-# backend passes Service addresses explicitly. The pause image is made here from Debian's catatonit;
+# beyond that subnet (they reach this machine and each other, nothing else). Cluster DNS: CoreDNS
+# (built from its Go module, github.com/coredns/coredns@$COREDNS_VERSION) runs as a process on the
+# bridge's gateway address 10.244.0.1:53, serving cluster.local from the API server (Services, headless
+# Services' pods: what a TFJob's TF_CONFIG names) and answering NXDOMAIN for every other name: it
+# forwards nothing outside. kubelet's clusterDNS points at it. In-cluster API clients (Argo's executor) reach
+# the API server, which listens on loopback only, through the kubernetes Service: 10.96.0.1:443 from the pod
+# subnet is DNATed to 127.0.0.1:6443 (route_localnet on the bridge). The pause image is made here from Debian's catatonit;
 # project images are imported from the Docker engine (`load-image`), never pulled.
 #
 # Caches (reused by CI on this machine): /var/cache/mlflowctl/go/{mod,build} (Go's module and build
-# caches) and /var/cache/mlflowctl/k8s/<digest>/kube-all, keyed by the digest of tests/cluster's
-# go.mod, go.sum, main.go and the Go version.
+# caches), /var/cache/mlflowctl/k8s/<digest>/kube-all, keyed by the digest of tests/cluster's
+# go.mod, go.sum, main.go and the Go version, and /var/cache/mlflowctl/go/bin/coredns-<version>.
 #
 # Environment:
 #   MLFLOWCTL_CLUSTER_DIR  state folder (default /var/lib/mlflowctl/cluster): certs, kubeconfig, logs
@@ -55,7 +60,11 @@ SYSCTLS="vm.overcommit_memory kernel.panic kernel.panic_on_oops kernel.keys.root
 net.ipv4.conf.all.route_localnet net.netfilter.nf_conntrack_max net.netfilter.nf_conntrack_tcp_timeout_established
 net.netfilter.nf_conntrack_tcp_timeout_close_wait fs.inotify.max_user_instances net.bridge.bridge-nf-call-iptables
 net.ipv4.ip_forward"
-COMPONENTS="etcd kube-apiserver kube-controller-manager kube-scheduler containerd kubelet kube-proxy"
+COMPONENTS="etcd kube-apiserver kube-controller-manager kube-scheduler coredns containerd kubelet kube-proxy"
+COREDNS_VERSION="${COREDNS_VERSION:-v1.12.4}"
+DNS_IP=10.244.0.1          # the bridge's gateway address (the CNI bridge plugin's default gateway of $POD_CIDR)
+CLUSTER_DOMAIN=cluster.local
+API_DNAT="-s $POD_CIDR -d 10.96.0.1 -p tcp --dport 443 -m comment --comment mlflowctl-api -j DNAT --to-destination 127.0.0.1:6443"
 
 export PATH="$PATH:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/usr/local/go/bin"
 export DEBIAN_FRONTEND=noninteractive
@@ -163,6 +172,23 @@ ensure_binary() {
   say "built kube-all in $((SECONDS - t)) s ($(du -h "$BIN" | cut -f1))"
 }
 
+ensure_coredns_binary() {  # CoreDNS from its Go module, once (about 10 minutes cold on 2 cores)
+  COREDNS_BIN="$CACHE/go/bin/coredns-$COREDNS_VERSION"
+  [ -x "$COREDNS_BIN" ] && return 0
+  mkdir -p "$CACHE/go/bin" "$CACHE/go/mod" "$CACHE/go/build"
+  exec 8>"$CACHE/go/.coredns-build.lock"
+  flock -w 3600 8 || die "timed out waiting for another CoreDNS build"
+  if [ -x "$COREDNS_BIN" ]; then exec 8>&-; return 0; fi
+  say "building github.com/coredns/coredns@$COREDNS_VERSION (log $STATE/logs/coredns-build.log)"
+  local gobin; gobin="$(mktemp -d "$CACHE/go/.bin-XXXXXX")"
+  GOBIN="$gobin" GOMODCACHE="$CACHE/go/mod" GOCACHE="$CACHE/go/build" GOFLAGS=-mod=mod GOTOOLCHAIN=local CGO_ENABLED=0 \
+    go install "github.com/coredns/coredns@$COREDNS_VERSION" >"$STATE/logs/coredns-build.log" 2>&1 \
+    || { rm -rf "$gobin"; tail -n 20 "$STATE/logs/coredns-build.log" >&2; die "go install coredns failed"; }
+  mv "$gobin/coredns" "$COREDNS_BIN"
+  rm -rf "$gobin"
+  exec 8>&-
+}
+
 # ------------------------------------------------------------------------------------- 3. certificates
 cert() {  # cert NAME CN ORG SANS: a client/server certificate signed by the cluster CA
   local name="$1" cn="$2" org="$3" sans="$4" pki="$STATE/pki"
@@ -242,6 +268,10 @@ ensure_firewall() {  # pods reach each other and this machine; nothing they send
   iptables -w -A "$FW_CHAIN" -s "$POD_CIDR" -j DROP
   iptables -w -A "$FW_CHAIN" -d "$POD_CIDR" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
   iptables -w -C FORWARD -j "$FW_CHAIN" 2>/dev/null || iptables -w -I FORWARD 1 -j "$FW_CHAIN"
+  # pods reach the API server through the kubernetes Service (in-cluster clients: Argo's executor); the API
+  # server listens on loopback only, so that one address is DNATed to 127.0.0.1:6443 before kube-proxy's
+  # rules (route_localnet on the bridge, ensure_bridge, lets the kernel deliver it)
+  iptables -w -t nat -C PREROUTING $API_DNAT 2>/dev/null || iptables -w -t nat -I PREROUTING 1 $API_DNAT
 }
 
 ensure_node_files() {
@@ -287,7 +317,27 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         SystemdCgroup = false
         Root = "$CTRD_STATE/runc"
 EOF
-  echo "nameserver 127.0.0.1" > "$STATE/resolv.conf"   # pods resolve nothing outside (no CoreDNS: addresses are passed)
+  echo "nameserver 127.0.0.1" > "$STATE/resolv.conf"   # dnsPolicy Default pods resolve nothing outside
+  mkdir -p "$STATE/coredns"
+  cat > "$STATE/coredns/Corefile" <<EOF
+# cluster names from the API server; nothing else is answered, nothing forwarded
+$CLUSTER_DOMAIN:53 in-addr.arpa:53 {
+    bind $DNS_IP
+    kubernetes $CLUSTER_DOMAIN in-addr.arpa {
+        kubeconfig $KUBECONFIG_ADMIN mlflowctl-test
+        pods insecure
+        ttl 5
+    }
+    errors
+}
+.:53 {
+    bind $DNS_IP
+    template ANY ANY {
+        rcode NXDOMAIN
+    }
+}
+EOF
+  local kubelet_old=""; [ -f "$STATE/kubelet.yaml" ] && kubelet_old="$(cat "$STATE/kubelet.yaml")"
   cat > "$STATE/kubelet.yaml" <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
@@ -308,6 +358,8 @@ cgroupRoot: $CGROUP_ROOT
 containerRuntimeEndpoint: unix://$CTRD_SOCK
 failSwapOn: false
 resolvConf: $STATE/resolv.conf
+clusterDomain: $CLUSTER_DOMAIN
+clusterDNS: [$DNS_IP]
 evictionHard: {memory.available: "100Mi", nodefs.available: "1%", imagefs.available: "1%", nodefs.inodesFree: "1%"}
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
@@ -317,6 +369,28 @@ rotateCertificates: false
 serverTLSBootstrap: false
 protectKernelDefaults: false
 EOF
+  KUBELET_CONFIG_CHANGED=""
+  [ "$kubelet_old" = "$(cat "$STATE/kubelet.yaml")" ] || KUBELET_CONFIG_CHANGED=1
+}
+
+ensure_bridge() {  # the pods' bridge with its gateway address up front: CoreDNS listens there before any pod
+  ip link show "$BRIDGE" >/dev/null 2>&1 || ip link add "$BRIDGE" type bridge
+  ip -4 addr show dev "$BRIDGE" | grep -q " $DNS_IP/" || ip addr add "$DNS_IP/${POD_CIDR#*/}" dev "$BRIDGE"
+  ip link set "$BRIDGE" up
+  sysctl -qw "net.ipv4.conf.$BRIDGE.route_localnet=1"
+}
+
+dns_answers() {  # the API server's own Service resolves through CoreDNS
+  python3 - "$DNS_IP" "kubernetes.default.svc.$CLUSTER_DOMAIN" <<'PY'
+import random, socket, struct, sys
+server, name = sys.argv[1], sys.argv[2]
+qid = random.randrange(65536)
+q = struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0) + b"".join(
+    bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0" + struct.pack(">HH", 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)
+s.sendto(q, (server, 53)); r = s.recv(512)
+sys.exit(0 if struct.unpack(">H", r[:2])[0] == qid and r[3] & 0xF == 0 and struct.unpack(">H", r[6:8])[0] > 0 else 1)
+PY
 }
 
 ensure_cgroup_root() {  # kubelet's --cgroup-root must exist in every v1 hierarchy it uses
@@ -391,6 +465,7 @@ up() {
   fi
   ensure_packages
   ensure_binary
+  ensure_coredns_binary
   say "phase certificates (node $NODE at $ip)"
   ensure_pki "$ip"
   save_sysctls
@@ -398,6 +473,7 @@ up() {
   sysctl -qw net.bridge.bridge-nf-call-iptables=1 2>/dev/null || true
   ensure_firewall
   ensure_node_files "$ip"
+  ensure_bridge
   ensure_cgroup_root
 
   say "phase control plane"
@@ -428,10 +504,18 @@ up() {
     --authentication-kubeconfig="$STATE/scheduler.kubeconfig" --authorization-kubeconfig="$STATE/scheduler.kubeconfig" \
     --leader-elect=false --bind-address=127.0.0.1 --secure-port=10259 --v=1
 
+  say "phase cluster DNS (CoreDNS $COREDNS_VERSION on $DNS_IP:53)"
+  start coredns "$COREDNS_BIN" -conf "$STATE/coredns/Corefile"
+  wait_for "CoreDNS answering on $DNS_IP:53" 60 coredns dns_answers
+
   say "phase node (containerd, kubelet, kube-proxy)"
   start containerd containerd --config "$STATE/containerd/config.toml"
   wait_for "containerd" 60 containerd ctr --address "$CTRD_SOCK" version
   ensure_pause_image
+  if [ -n "$KUBELET_CONFIG_CHANGED" ] && running kubelet; then   # e.g. clusterDNS added: running pods stay
+    say "kubelet's configuration changed: restarting kubelet"
+    stop_component kubelet
+  fi
   start kubelet "$BIN" kubelet --config="$STATE/kubelet.yaml" --kubeconfig="$STATE/kubelet.kubeconfig" \
     --hostname-override="$NODE" --node-ip="$ip" --root-dir="$KUBELET_ROOT" --v=1
   start kube-proxy "$BIN" kube-proxy --kubeconfig="$STATE/kube-proxy.kubeconfig" --hostname-override="$NODE" \
@@ -481,6 +565,7 @@ teardown() {
   local c bin
   bin="$(ls -1t "$CACHE"/k8s/*/kube-all 2>/dev/null | head -n 1 || true)"
   "$(dirname "$0")/ensure-tfjob-operator.sh" down >/dev/null 2>&1 || true   # started beside the control plane
+  "$(dirname "$0")/ensure-argo.sh" down >/dev/null 2>&1 || true
   say "stopping kubelet and kube-proxy"
   stop_component kubelet
   stop_component kube-proxy
@@ -496,7 +581,7 @@ teardown() {
     done
   fi
   say "stopping containerd and the control plane"
-  for c in containerd kube-scheduler kube-controller-manager kube-apiserver etcd; do stop_component "$c"; done
+  for c in containerd coredns kube-scheduler kube-controller-manager kube-apiserver etcd; do stop_component "$c"; done
   pkill -f "containerd-shim-runc-v2 -namespace k8s.io -address $CTRD_SOCK" 2>/dev/null || true
   # leftover shims of our containerd (they outlive it by design)
   for p in $(pgrep -f "containerd-shim-runc-v2.*$CTRD_SOCK" 2>/dev/null || true); do kill -KILL "$p" 2>/dev/null || true; done
@@ -523,6 +608,7 @@ teardown() {
     done
   done
   iptables -w -D FORWARD -j "$FW_CHAIN" 2>/dev/null || true
+  iptables -w -t nat -D PREROUTING $API_DNAT 2>/dev/null || true
   iptables -w -F "$FW_CHAIN" 2>/dev/null || true
   iptables -w -X "$FW_CHAIN" 2>/dev/null || true
   for c in /sys/fs/cgroup/*/; do

@@ -22,16 +22,9 @@ BINARY="$CACHE/go/bin/training-operator-$VERSION"
 PIDFILE="$STATE/run/training-operator.pid"
 LOG="$STATE/logs/training-operator.log"
 export PATH="$PATH:/usr/local/go/bin"
+# shellcheck source=lib-beside.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib-beside.sh"
 
-say() { printf '%s: %s\n' "$me" "$*"; }
-die() { printf '%s: ERROR: %s\n' "$me" "$*" >&2; exit 1; }
-running() {  # a live process (a killed one can linger as a zombie until init reaps it: that is not running)
-  local p st; p="$(cat "$PIDFILE" 2>/dev/null)" || return 1
-  [ -n "$p" ] && kill -0 "$p" 2>/dev/null || return 1
-  st="$(awk '{print $3}' "/proc/$p/stat" 2>/dev/null)" || return 1
-  [ "$st" != "Z" ] && [ "$st" != "X" ]
-}
-kubectl_() { kubectl --kubeconfig "$KUBECONFIG_ADMIN" --request-timeout=10s "$@"; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 build() {
@@ -54,12 +47,8 @@ up() {
   local crd="$CACHE/go/mod/$MODULE@$VERSION/manifests/base/crds/kubeflow.org_tfjobs.yaml"
   [ -r "$crd" ] || die "$crd missing from the module cache"
   kubectl_ apply --server-side -f "$crd" >/dev/null
+  wait_established tfjobs.kubeflow.org
   local i
-  for ((i = 0; i < 120; i++)); do
-    kubectl_ get crd tfjobs.kubeflow.org -o jsonpath='{.status.conditions[?(@.type=="Established")].status}' 2>/dev/null \
-      | grep -qx True && break
-    sleep 0.5
-  done
   if ! running; then
     setsid nohup "$BINARY" --kubeconfig "$KUBECONFIG_ADMIN" --enable-scheme=tfjob \
       --metrics-bind-address "127.0.0.1:$(free_port)" --health-probe-bind-address "127.0.0.1:$(free_port)" \
@@ -72,16 +61,6 @@ up() {
     done
   fi
   say "ready: TFJob CRD applied, operator pid $(cat "$PIDFILE") (log: $LOG)"
-}
-
-down() {
-  running || { rm -f "$PIDFILE"; return 0; }
-  local p; p="$(cat "$PIDFILE")"
-  kill "$p" 2>/dev/null || true
-  for _ in $(seq 1 20); do kill -0 "$p" 2>/dev/null || break; sleep 0.25; done
-  kill -9 "$p" 2>/dev/null || true
-  rm -f "$PIDFILE"
-  say "stopped"
 }
 
 case "${1:-up}" in

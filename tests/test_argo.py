@@ -1,0 +1,255 @@
+"""`mlflowctl export argo`: the pipeline as an argoproj.io/v1alpha1 Workflow.
+
+The output is validated against the Workflow CRD's full OpenAPI schema, taken from the Argo Workflows
+Go module (github.com/argoproj/argo-workflows/v3@v3.6.18, downloaded into the Go module cache by
+scripts/ensure-argo.sh), strictly: a field the schema does not know is an error. The DAG is the doit
+graph, the templates are the k8s backend's own Jobs/TFJobs with the same image.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import VENV_BIN, doit_env, make_project
+
+REPO = Path(__file__).resolve().parents[1]
+ARGO_VERSION = os.environ.get("ARGO_VERSION", "v3.6.18")
+GOMODCACHE = Path(os.environ.get("MLFLOWCTL_CACHE_DIR", "/var/cache/mlflowctl")) / "go" / "mod"
+CRD = GOMODCACHE / f"github.com/argoproj/argo-workflows/v3@{ARGO_VERSION}/manifests/base/crds/full/argoproj.io_workflows.yaml"
+
+CONFIG = {
+    "project": "argoexp", "model_name": "fmnist", "backend": "k8s", "store": "pvc://store/exp",
+    "train_model": {"epochs": 2, "steps": 30},
+    "backends": {"k8s": {"namespace": "default", "kubeconfig": "/nonexistent/kubeconfig", "image": "example/img:1",
+                         "cpu": "1", "memory": "2Gi"}},
+}
+
+
+def export(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(VENV_BIN / "mlflowctl"), "-C", str(root), "export", "argo", *args], env=doit_env(),
+                          capture_output=True, text=True, timeout=120)
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+@pytest.fixture
+def project(tmp_path):
+    return make_project(tmp_path / "proj", yaml.safe_dump(CONFIG, sort_keys=False))
+
+
+@pytest.fixture(scope="session")
+def workflow_schema():
+    """The CRD's openAPIV3Schema, made strict (no unknown fields where the schema lists properties)."""
+    if not CRD.is_file():
+        proc = subprocess.run(["go", "mod", "download", f"github.com/argoproj/argo-workflows/v3@{ARGO_VERSION}"],
+                              env={**os.environ, "GOMODCACHE": str(GOMODCACHE), "GOFLAGS": "-mod=mod",
+                                   "GOTOOLCHAIN": "local", "PATH": f"{os.environ['PATH']}:/usr/local/go/bin"},
+                              cwd="/tmp", capture_output=True, text=True, timeout=600)
+        assert CRD.is_file(), f"cannot get the Argo CRD (make argo downloads it): {proc.stderr[-500:]}"
+    crd = yaml.safe_load(CRD.read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1")
+    return _strict(version["schema"]["openAPIV3Schema"])
+
+
+def _strict(node):
+    if isinstance(node, dict):
+        node = {k: _strict(v) for k, v in node.items()}
+        if "properties" in node and not node.get("x-kubernetes-preserve-unknown-fields"):
+            node.setdefault("additionalProperties", False)
+        return node
+    if isinstance(node, list):
+        return [_strict(v) for v in node]
+    return node
+
+
+def validate(doc: dict, schema: dict) -> None:
+    import jsonschema
+
+    jsonschema.validate(doc, schema, cls=jsonschema.Draft7Validator)
+    for template in doc["spec"]["templates"]:  # the manifests inside resource templates parse
+        if "resource" in template:
+            assert yaml.safe_load(template["resource"]["manifest"])["kind"] in ("Job", "TFJob")
+
+
+def test_the_workflow_is_the_doit_graph_and_validates_against_the_crd(project, workflow_schema):
+    doc = yaml.safe_load(export(project).stdout)
+    validate(doc, workflow_schema)
+    assert doc["apiVersion"] == "argoproj.io/v1alpha1" and doc["kind"] == "Workflow"
+    spec = doc["spec"]
+    dag = next(t for t in spec["templates"] if t["name"] == spec["entrypoint"])["dag"]["tasks"]
+    graph = {t["name"]: sorted(t.get("dependencies") or []) for t in dag}
+    from mlflowctl.cli import load_pipeline
+
+    pipeline = load_pipeline(project, {})
+    dns = lambda s: s.replace("_", "-")  # noqa: E731
+    assert graph == {dns(s.name): sorted({dns(up) for up in s.upstream}) for s in pipeline.stages.values()}, graph
+    assert graph["register"] == ["train-concept", "train-model"] and graph["train-model"] == ["data"]
+    templates = {t["name"]: t for t in spec["templates"]}
+    # command stages: the k8s backend's Jobs, same image, conditions; orchestrator stages: the runner image
+    for name in ("data", "train-model", "train-concept", "integration-test", "monitor"):
+        resource = templates[name]["resource"]
+        job = yaml.safe_load(resource["manifest"])
+        assert job["kind"] == "Job" and resource["successCondition"] == "status.succeeded > 0"
+        assert resource["failureCondition"] == "status.failed > 0" and resource["setOwnerReference"] is True
+        container = job["spec"]["template"]["spec"]["containers"][0]
+        assert container["image"] == "example/img:1"
+        assert container["resources"] == {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "1", "memory": "2Gi"}}
+        assert job["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"] == {"claimName": "store"}
+    for name in ("register", "deploy", "promote"):
+        assert templates[name]["container"]["image"] == "example/img-runner:1"
+    assert spec["volumes"] == [{"name": "store", "persistentVolumeClaim": {"claimName": "store"}}]
+    # hyperparameters are workflow parameters, and the Job's env reads them
+    params = {p["name"]: p["value"] for p in spec["arguments"]["parameters"]}
+    assert params["train_model-epochs"] == "2" and params["train_model-steps"] == "30"
+    assert "train_model-workers" not in params
+    train = yaml.safe_load(templates["train-model"]["resource"]["manifest"])
+    env = {e["name"]: e["value"] for e in train["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["EPOCHS"] == "{{workflow.parameters.train_model-epochs}}"
+    mounts = {m["mountPath"]: m["subPath"] for m in train["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
+    assert mounts == {"/mnt/inputs/MNIST_DATA_DIR": "exp/argo/{{workflow.name}}/data",
+                      "/mnt/outputs/MNIST_MODELS_DIR": "exp/argo/{{workflow.name}}/train_model"}
+
+
+def test_workers_above_one_make_the_training_a_tfjob_template(project, workflow_schema):
+    doc = yaml.safe_load(export(project, "train_model.workers=2", "--stage", "register").stdout)
+    validate(doc, workflow_schema)
+    templates = {t["name"]: t for t in doc["spec"]["templates"]}
+    assert set(templates) == {"pipeline", "data", "train-model", "train-concept", "register"}  # --stage: what it needs
+    resource = templates["train-model"]["resource"]
+    tfjob = yaml.safe_load(resource["manifest"])
+    assert tfjob["kind"] == "TFJob" and tfjob["apiVersion"] == "kubeflow.org/v1"
+    assert tfjob["spec"]["tfReplicaSpecs"]["Worker"]["replicas"] == 1
+    assert resource["successCondition"] == "status.replicaStatuses.Chief.succeeded > 0"
+    assert yaml.safe_load(templates["train-concept"]["resource"]["manifest"])["kind"] == "Job"
+
+
+def test_export_bad_input_is_one_line_and_writes_nothing(project, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    cases = [
+        (["--out", str(tmp_path / "missing" / "wf.yaml")], "folder", tmp_path / "missing"),
+        (["--out", str(tmp_path)], "is a folder", None),
+        (["backend=docker"], "backend is docker", None),
+        (["store=file://.mlflowctl/store"], "pvc://", None),
+        (["--stage", "nope"], "no stage 'nope'", None),
+    ]
+    if os.geteuid() != 0:  # root writes anywhere: a read-only folder only stops others
+        cases.append((["--out", str(locked / "wf.yaml")], "cannot write", locked / "wf.yaml"))
+    else:
+        cases.append((["--out", "/proc/version"], "cannot write", None))
+    for args, text, absent in cases:
+        proc = export(project, *args, check=False)
+        lines = [l for l in proc.stderr.splitlines() if l.strip()]
+        assert proc.returncode == 3 and len(lines) == 1 and text in lines[0], (args, proc.stderr)
+        assert "Traceback" not in proc.stderr and proc.stdout == ""
+        if absent is not None:
+            assert not absent.exists()
+    assert list(locked.iterdir()) == [] and not list(tmp_path.glob(".wf.yaml*"))
+
+
+def test_export_to_a_file_writes_the_same_workflow(project, tmp_path):
+    out = tmp_path / "wf.yaml"
+    export(project, "--out", str(out))
+    assert yaml.safe_load(out.read_text()) == yaml.safe_load(export(project).stdout)
+
+
+# -- run for real: the exported Workflow on the test cluster's Argo 3.6 controller ------------------------------
+
+@pytest.fixture(scope="session")
+def argo_controller(kube_cluster):
+    proc = subprocess.run([str(REPO / "scripts" / "ensure-argo.sh"), "up"], capture_output=True, text=True,
+                          timeout=3600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return True
+
+
+EXECUTOR_RULES = [  # the emissary executor's minimum (Argo's quick-start Role) + what the resource templates do
+    {"apiGroups": ["argoproj.io"], "resources": ["workflowtaskresults"], "verbs": ["create", "patch"]},
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "watch", "delete", "patch"]},
+    {"apiGroups": ["kubeflow.org"], "resources": ["tfjobs"], "verbs": ["create", "get", "list", "watch", "delete", "patch"]},
+]
+
+
+def wait_workflow(kube_cluster, namespace: str, name: str, seconds: float) -> dict:
+    import time
+
+    from kubernetes import client
+
+    custom = client.CustomObjectsApi(kube_cluster.api)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        wf = custom.get_namespaced_custom_object("argoproj.io", "v1alpha1", namespace, "workflows", name)
+        if (wf.get("status") or {}).get("phase") in ("Succeeded", "Failed", "Error"):
+            return wf
+        time.sleep(2)
+    raise AssertionError(f"workflow {name} did not finish in {seconds}s: {json.dumps(wf.get('status'))[-3000:]}")
+
+
+@pytest.mark.slow
+def test_the_exported_workflow_runs_on_argo_and_registers_what_doit_registers(tmp_path, pvc_claim, docker_client,
+                                                                              kube_cluster, argo_controller):
+    """`mlflowctl export argo --stage register | argo submit -` on the real controller: data, train_model and
+    train_concept run as the k8s backend's Jobs (resource templates), register runs in the runner image and
+    records version 1 in the claim's registry; `doit register backend=k8s` registers the same version of the
+    same model (same settings, same step count, the same accuracy within TensorFlow's run-to-run noise)."""
+    from kubernetes import client
+
+    from kube_fixtures import cluster_script, k8s_settings
+    from mlflowctl.cli import load_pipeline
+    from mlflowctl_plugins.argo_export import runner_context, runner_image
+    from test_e2e import doit, mlflowctl
+
+    namespace, claim = pvc_claim
+    config = {"project": "argorun", "model_name": "fmnist", "backend": "k8s", "store": f"pvc://{claim}/argo",
+              "data": {"dataset": "fashion-mnist"}, "train_model": {"epochs": 1, "steps": 40},
+              "train_concept": {"epochs": 1, "steps": 30},
+              "backends": {"k8s": k8s_settings(namespace, image_pull_policy="Never")}}
+    root = make_project(tmp_path / "proj", yaml.safe_dump(config, sort_keys=False))
+    pipeline = load_pipeline(root, {})
+    image = pipeline.project.backend.image(print)  # built by the docker backend's code, loaded into the node
+    runner = runner_image(pipeline)
+    context = runner_context(pipeline, tmp_path / "runner", image)
+    for _ in docker_client.api.build(path=str(context), tag=runner, network_mode="host", rm=True, decode=True):
+        assert "error" not in _, _
+    assert cluster_script("load-image", runner).returncode == 0
+    rbac = client.RbacAuthorizationV1Api(kube_cluster.api)
+    rbac.create_namespaced_role(namespace, {"metadata": {"name": "argo-executor"}, "rules": EXECUTOR_RULES})
+    rbac.create_namespaced_role_binding(namespace, {
+        "metadata": {"name": "argo-executor"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "argo-executor"},
+        "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": namespace}]})
+
+    doc = yaml.safe_load(export(root, "--stage", "register").stdout)
+    custom = client.CustomObjectsApi(kube_cluster.api)
+    created = custom.create_namespaced_custom_object("argoproj.io", "v1alpha1", namespace, "workflows", doc)
+    wf = wait_workflow(kube_cluster, namespace, created["metadata"]["name"], 1500)
+    nodes = {n["displayName"]: n["phase"] for n in wf["status"].get("nodes", {}).values()}
+    assert wf["status"]["phase"] == "Succeeded", (wf["status"].get("message"), nodes)
+    assert {nodes[s] for s in ("data", "train-model", "train-concept", "register")} == {"Succeeded"}, nodes
+    models = mlflowctl(root, "models").stdout
+    assert "fmnist" in models and " 1 " in f" {models} ", models
+
+    # doit backend=k8s, the same project into another store path on the claim: the same version (1) of the same
+    # model (TensorFlow's CPU training is not bit-reproducible, so the files differ; the metrics do not)
+    from mlflowctl.project import Project
+
+    argo_meta = json.loads(Project(root).store.read_bytes("models/fmnist/1/metadata.json"))
+    proc = doit(root, "register", f"store=pvc://{claim}/doit", timeout=1500)
+    assert "registered fmnist version 1" in proc.stdout, proc.stdout[-3000:]
+    doit_meta = json.loads(Project(root, {"store": f"pvc://{claim}/doit"}).store.read_bytes("models/fmnist/1/metadata.json"))
+    assert argo_meta["metrics"]["workers"] == doit_meta["metrics"]["workers"] == 1
+    for key in ("epochs", "steps", "batch_size", "seed", "optimizer_steps", "train_count", "test_count"):
+        assert argo_meta["metrics"][key] == doit_meta["metrics"][key], key
+    assert abs(argo_meta["metrics"]["accuracy"] - doit_meta["metrics"]["accuracy"]) < 0.03, (argo_meta, doit_meta)
+    assert argo_meta["concept_metrics"].keys() == doit_meta["concept_metrics"].keys()
+    # the settings and code it was trained with, as doit records them
+    assert argo_meta["params"] == doit_meta["params"] and argo_meta["params"]["steps"] == 40
+    assert argo_meta["concept_params"] == doit_meta["concept_params"]
+    assert argo_meta["code_digests"] == doit_meta["code_digests"]

@@ -77,15 +77,19 @@ def _write_json_atomic(path: Path, data: Any) -> None:
         raise
 
 
-def _is_our_server(pid: int) -> bool:
-    """Guard against pid reuse: on Linux, the process must be running serve.py."""
+def _is_our_server(pid: int, routing_file: Path | None = None) -> bool:
+    """Guard against pid reuse: on Linux, the process must be running serve.py -- and, given
+    ``routing_file``, be the server of that routing file (this project folder's, not another's)."""
     cmdline = Path(f"/proc/{pid}/cmdline")
     if not cmdline.parent.parent.joinpath("self").exists():
         return True  # no /proc: trust the pid file
     try:
-        return SERVER_SCRIPT.encode() in cmdline.read_bytes()
+        args = cmdline.read_bytes().split(b"\0")
     except OSError:
         return False
+    if not any(arg.endswith(SERVER_SCRIPT.encode()) for arg in args):
+        return False
+    return routing_file is None or str(routing_file).encode() in args
 
 
 def _log_gist(path: Path, offset: int = 0, lines: int = 3) -> str:
@@ -140,7 +144,7 @@ class _ProcessRuntime:
             pid = int(pid_file.read_text().strip())
         except (OSError, ValueError):
             return None
-        if _pid_alive(pid) and _is_our_server(pid):
+        if _pid_alive(pid) and _is_our_server(pid, self.target.routing_file):
             return pid
         with contextlib.suppress(OSError):
             pid_file.unlink()
@@ -711,9 +715,14 @@ class LocalServing(ServingTarget):
         return body
 
     def _ensure_running(self) -> None:
-        """Start the server, or make the running one pick up routing.json (restarting it if it is stale)."""
+        """Start the server, or make the running one pick up routing.json (restarting it if it is stale).
+
+        A restart checks the new settings first (valid arguments, a free port): a server that could
+        not start never replaces the one that answers.
+        """
         server = self._server()
         if server is not None and not self._running_matches():
+            self._check_can_start(server[1])
             server[0].stop(server[1])
             self._forget()
             server = None
@@ -721,6 +730,26 @@ class LocalServing(ServingTarget):
             self._spawn()
         else:
             self._reload()
+
+    def _check_can_start(self, running: dict[str, Any]) -> None:
+        """Would a server with the current settings start? (else an error, and the running one stays)."""
+        self._server_args()  # gRPC port vs port: a ConfigError
+        if self.runtime_name == "k8s":
+            return
+        host, port, grpc_port = str(self._cfg("host")), int(self._cfg("port")), int(self._cfg("grpc_port"))
+        held = {int(running.get("port") or 0)}
+        args = running.get("server_args") or []
+        if "--grpc-port" in args:
+            held.add(int(args[args.index("--grpc-port") + 1]))
+        if port not in held and _port_in_use(host, port):
+            raise UnavailableError(f"the model server cannot move to port {port} on {host}: it is already in use; "
+                                   f"the running server on port {running.get('port')} keeps serving",
+                                   hint=self._port_hint(port))
+        if grpc_port and grpc_port not in held and _port_in_use(host, grpc_port):
+            raise UnavailableError(f"the model server cannot move its gRPC API to port {grpc_port} on {host}: it is "
+                                   f"already in use; the running server keeps serving",
+                                   hint=f"stop what listens on port {grpc_port} or set serving.local.grpc_port "
+                                        f"(0 turns gRPC off)")
 
     def _wait_available(self, number: int) -> None:
         import requests

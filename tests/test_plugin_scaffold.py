@@ -39,7 +39,7 @@ def test_the_scaffold_lists_its_files_and_names_its_entry_point(tmp_path):
     assert '[project.entry-points.mlflowctl]\nmy_target = "mlflowctl_my_target.target"' in \
         (dist / "pyproject.toml").read_text()
     assert "class MyTargetTarget(ServingTarget):" in (dist / "src" / "mlflowctl_my_target" / "target.py").read_text()
-    assert f"next: cd mlflowctl-my-target && pip install -e '.[test]' && pytest" in proc.stdout
+    assert "next: cd mlflowctl-my-target && pip install -e '.[test]' && pytest" in proc.stdout
 
 
 @pytest.mark.slow

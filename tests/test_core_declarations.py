@@ -104,9 +104,9 @@ def test_every_setting_is_listed_with_its_type_default_range_and_help(project_di
     proc = subprocess.run([MLFLOWCTL, "-C", str(project_dir), "config", "--settings"], env=doit_env(),
                           capture_output=True, text=True, timeout=60, check=True)
     lines = proc.stdout.splitlines()
-    assert "train_model.epochs  int  default 5  [1..100000]  training epochs" in lines
-    assert any(line.startswith("serving.local.port  int  default 8501  [1..65535]") for line in lines)
-    assert any(line.startswith("project  str  default") for line in lines)
+    assert "train_model.epochs (int, default 5, 1..100000): training epochs" in lines
+    assert any(line.startswith("serving.local.port (int, default 8501, 1..65535): ") for line in lines)
+    assert any(line.startswith("project (str, default ") for line in lines)
 
 
 def test_the_example_declares_every_key_of_its_mlflowctl_yaml():

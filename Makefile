@@ -23,8 +23,12 @@ PYTHON      ?= python3
 VENV        := .venv
 VBIN        := $(VENV)/bin
 PIP         := $(VBIN)/python -m pip
+# The serving targets shipped as distributions of their own (each registers through the mlflowctl
+# entry-point group, like a third-party plugin): installed editable into the venv.
+TARGET_PLUGINS := plugins/tfserving plugins/seldon plugins/hydrosphere
 # Re-install when any of these change (only those that exist).
-INSTALL_DEPS := $(wildcard setup.py setup.cfg pyproject.toml image/requirements.txt image/requirements-nodeps.txt)
+INSTALL_DEPS := $(wildcard setup.py setup.cfg pyproject.toml image/requirements.txt image/requirements-nodeps.txt) \
+                $(wildcard $(addsuffix /pyproject.toml,$(TARGET_PLUGINS)))
 STAMP       := $(VENV)/.mlflowctl-install.stamp
 
 FMNIST_DIR  ?= /usr/share/datasets/fashion-mnist
@@ -65,6 +69,7 @@ $(STAMP): $(INSTALL_DEPS) | $(VBIN)/python
 	$(PIP) install -q -e '.[test]' -r image/requirements.txt
 	@# tensorflow-serving-api would pull the full tensorflow next to tensorflow-cpu: its needs are in requirements.txt
 	$(PIP) install -q --no-deps -r image/requirements-nodeps.txt
+	$(PIP) install -q $(foreach p,$(TARGET_PLUGINS),-e $(p))
 	@touch $@
 	@echo "venv: ready"
 

@@ -123,6 +123,23 @@ seaweedfs:
 	@if [ -n "$(NO_SEAWEEDFS)" ]; then echo "seaweedfs: skipped (NO_SEAWEEDFS set)"; exit 0; fi; \
 	scripts/build-seaweedfs.sh
 
+# ---------------------------------------------------------------- seldon
+# The REAL Seldon Core v1 Python wrapper (seldon-core-microservice, BSL: optional) for the seldon serving
+# target, in an environment of its own: its pins (protobuf<4, numpy<2, ...) clash with TensorFlow 2.21,
+# so the model class loads SavedModels with tensorflow-cpu 2.15 there. `make test` depends on it.
+SELDON_VENV := .venv-seldon
+SELDON_PKGS := seldon-core==1.18.2 tensorflow-cpu==2.15.1 'setuptools<81'
+.PHONY: seldon
+test: seldon
+seldon: $(SELDON_VENV)/.mlflowctl-seldon.stamp
+$(SELDON_VENV)/.mlflowctl-seldon.stamp:
+	@echo "seldon: installing $(SELDON_PKGS) into $(SELDON_VENV) (slow the first time)"
+	$(PYTHON) -m venv $(SELDON_VENV)
+	$(SELDON_VENV)/bin/python -m pip install -q --upgrade pip wheel 'setuptools<81'
+	PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python $(SELDON_VENV)/bin/python -m pip install -q $(SELDON_PKGS)
+	@touch $@
+	@echo "seldon: $(SELDON_VENV)/bin/seldon-core-microservice ready"
+
 # ---------------------------------------------------------------- main targets
 demo: venv data
 	$(VBIN)/doit -n 2 $(DOIT_ARGS)

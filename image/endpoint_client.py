@@ -1,8 +1,9 @@
 """HTTP client bits shared by the stage scripts that talk to a served model
 (integration_test.py, monitor.py).
 
-* :func:`load_endpoint` reads ``<ENDPOINT_DIR>/endpoint.json`` as written by the deploy stage:
-  ``{"url", "predict_url", "model_name", "version", "protocol"}``.
+* :func:`load_endpoint` reads ``<ENDPOINT_DIR>/endpoint.json`` as written by the deploy and promote
+  stages (``mlflowctl.serving.Endpoint``): ``{"url", "predict_url", "model_name", "version", "protocol",
+  "grpc", "drift_url", "inputs_url", "target"}``. The scripts know the serving target only through it.
 * :class:`HttpClient` wraps one ``requests.Session``: every request has a timeout,
   and any transport failure, non-2xx answer or non-JSON body becomes a
   :class:`common.StageError` with ONE line (exit :data:`EXIT_ENDPOINT`), e.g.
@@ -47,6 +48,9 @@ def load_endpoint(endpoint_dir: str) -> dict[str, Any]:
         raise StageError(f"{path}: 'version' must be a positive integer, got {version!r}", EXIT_DATA)
     if not isinstance(data.get("grpc", ""), str):
         raise StageError(f"{path}: 'grpc' must be a host:port string", EXIT_DATA)
+    for key in ("drift_url", "inputs_url", "target"):
+        if not isinstance(data.get(key, ""), str):
+            raise StageError(f"{path}: {key!r} must be a string", EXIT_DATA)
     protocol = data.get("protocol", "tfserving")
     if protocol not in PROTOCOLS:
         raise StageError(f"{path}: unknown protocol {protocol!r} (expected one of {', '.join(PROTOCOLS)})", EXIT_DATA)
@@ -54,8 +58,18 @@ def load_endpoint(endpoint_dir: str) -> dict[str, Any]:
 
 
 def drift_url(endpoint: dict[str, Any]) -> str:
-    """The model server's drift JSON for the endpoint's model (add ``?version=``/``?label=``)."""
+    """Where the target answers its drift JSON ("" when it does not score drift).
+
+    An ``endpoint.json`` without the ``drift_url`` key was written before the serving contract
+    named it (by the built-in server only): its drift path is used.
+    """
+    if "drift_url" in endpoint:
+        return endpoint["drift_url"] or ""
     return f"{endpoint['url']}/monitor/v1/models/{quote(endpoint['model_name'], safe='')}/drift"
+
+
+def target_name(endpoint: dict[str, Any]) -> str:
+    return endpoint.get("target") or "?"
 
 
 # ---------------------------------------------------------------------- client

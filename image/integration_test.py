@@ -5,7 +5,7 @@ MIN_ACCURACY (0.8, in [0, 1]), SAMPLES (1000), BATCH_SIZE (100, images per reque
 NOISE (0.5, std-dev of the Gaussian noise on [0, 1] pixels), TIMEOUT (30, seconds per request), SEED (0),
 TRANSPORT (rest | grpc, default rest).
 
-Talks to ``endpoint.json``'s ``predict_url`` (protocol tfserving | v2 | seldon) or, with
+Talks to ``endpoint.json``'s ``predict_url`` (protocol tfserving | v2 | seldon | hydrosphere) or, with
 ``TRANSPORT=grpc``, to its ``grpc`` address (TF Serving's PredictionService, by version), every
 request tagged ``X-Mlflowctl-Traffic: test`` (gRPC metadata ``x-mlflowctl-traffic: test``) so the
 server keeps it out of its live statistics:
@@ -14,8 +14,8 @@ server keeps it out of its live statistics:
 2. noisy:  the same images + N(0, NOISE), clipped to [0, 1];
 3. random: max(10, SAMPLES // 10) images of uniform-random pixels.
 
-If ``GET {url}/monitor/v1/models/{name}/drift?version={version}`` answers 200 (the embedded
-model server), the share of each part the concept model flags as out-of-distribution comes
+If the target scores drift (``endpoint.json``'s ``drift_url``, see ``mlflowctl.serving``) and
+``GET {drift_url}?version={version}`` answers 200, the share of each part the concept model flags as out-of-distribution comes
 from the version's test counters (``test.scored``/``test.outliers``; the top-level
 ``scored``/``outliers`` on older servers) read before and after the part; otherwise it is null.
 
@@ -50,7 +50,7 @@ TEST_HEADER = {"X-Mlflowctl-Traffic": "test"}
 CLASSES = 10
 PIXELS = 784
 DECIMALS = 4
-PROTOCOLS = ("tfserving", "v2", "seldon")
+PROTOCOLS = ("tfserving", "v2", "seldon", "hydrosphere")  # all of endpoint_client.PROTOCOLS
 PARTS = ("clean", "noisy", "random")
 TRANSPORTS = ("rest", "grpc")
 
@@ -81,6 +81,8 @@ def request_body(protocol: str, batch) -> dict[str, Any]:
     if protocol == "v2":
         return {"inputs": [{"name": "images", "shape": [int(values.shape[0]), PIXELS], "datatype": "FP32",
                             "data": values.ravel().tolist()}]}
+    if protocol == "hydrosphere":  # the gateway takes the contract's named fields
+        return {"images": values.tolist()}
     return {"data": {"ndarray": values.tolist()}}  # seldon
 
 
@@ -117,6 +119,8 @@ def parse_scores(protocol: str, data: Any, n: int):
         if flat.size != n * CLASSES:
             raise ValueError(f"output {out.get('name')!r} has {flat.size} values, expected {n}×{CLASSES}")
         rows = flat.reshape(n, CLASSES)
+    elif protocol == "hydrosphere":  # the contract's named outputs
+        rows = _pick(data, "the response")
     else:  # seldon
         body = data.get("data")
         if not isinstance(body, dict):
@@ -163,6 +167,8 @@ class Counters:
 
     def probe(self) -> tuple[int, int] | None:
         """First read: decides whether OOD rates are available (connection errors still fail)."""
+        if not self.url:  # the target does not score drift
+            return None
         answer = self.client.get(self.url, self.params, ok_only=False)
         got = self._extract(answer.json) if answer.status == 200 else None
         if got is None:

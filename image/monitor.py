@@ -1,13 +1,18 @@
 """Stage ``monitor``: how much of the stable version's live traffic looks out-of-distribution.
 
 Env: ENDPOINT_DIR (input, endpoint.json of the stable version), OUTPUT_DIR (output),
-MAX_DRIFT_RATE (0.5, in [0, 1]), TIMEOUT (10, seconds per request).
+MAX_DRIFT_RATE (0.5, in [0, 1]), TIMEOUT (10, seconds per request), CONCEPT_DIR (optional input:
+the concept model, ``saved_model/`` + ``threshold.json``, for a target that gives live inputs).
 
-Reads ``GET {url}/monitor/v1/models/{name}/drift?label=stable`` (``?version={version}`` if
-the label is unknown) from the embedded model server. The drift rate is the share of the
-server's recent-window live images whose reconstruction error is above the concept model's
-threshold (test-tagged traffic is not in the live statistics); 0 when there is no live
-traffic yet.
+The serving target says how drift is had (``mlflowctl.serving``; endpoint.json's fields):
+
+1. ``drift_url`` -- the target scores drift: ``GET {drift_url}?label=stable`` (``?version={version}``
+   if the label is unknown) answers the drift JSON. The drift rate is the share of the recent-window
+   live images whose reconstruction error is above the concept model's threshold (test-tagged
+   traffic is not in the live statistics); 0 when there is no live traffic yet.
+2. ``inputs_url`` -- the target keeps live inputs: ``GET {inputs_url}`` answers ``{"inputs": [...]}``
+   and this script scores them with the concept model in CONCEPT_DIR itself.
+3. neither -- "drift not available for target X": reported (rate 0, ``available: false``), exit 0.
 
 Outputs in OUTPUT_DIR: drift.json, report.md, drift.png (training vs live reconstruction-error
 distributions and the threshold).
@@ -24,7 +29,7 @@ import time
 from typing import Any
 
 from common import StageError, env_dir, env_float, log, main, make_dir, write_json_atomic, write_text_atomic
-from endpoint_client import EXIT_ENDPOINT, HttpClient, drift_url, load_endpoint, snippet
+from endpoint_client import EXIT_ENDPOINT, HttpClient, drift_url, load_endpoint, snippet, target_name
 
 STAGE = "monitor"
 EXIT_DRIFT = 6
@@ -37,6 +42,7 @@ def settings() -> dict:
         "output_dir": env_dir("OUTPUT_DIR", must_exist=False),
         "max_rate": env_float("MAX_DRIFT_RATE", 0.5, low=0.0, high=1.0, inclusive=True),
         "timeout": env_float("TIMEOUT", 10.0, low=0.0),
+        "concept_dir": os.environ.get("CONCEPT_DIR", "").strip(),
     }
 
 
@@ -58,6 +64,83 @@ def fetch(client: HttpClient, endpoint: dict[str, Any]) -> tuple[dict[str, Any],
         raise StageError(f"GET {url}?{query} answered {type(answer.json).__name__}, expected a JSON object",
                          EXIT_ENDPOINT)
     return answer.json, f"{url}?{query}"
+
+
+MAX_INPUTS = 10_000  # rows of live inputs scored at most
+
+
+def fetch_inputs(client: HttpClient, endpoint: dict[str, Any]):
+    """The target's live inputs (float32 n×d) from ``inputs_url``; a malformed answer is one line."""
+    import numpy as np
+
+    url = endpoint["inputs_url"]
+    answer = client.get(url)
+    rows = answer.json.get("inputs") if isinstance(answer.json, dict) else None
+    if not isinstance(rows, list):
+        raise StageError(f"GET {url} answered no 'inputs' list: {snippet(answer.text)}", EXIT_ENDPOINT)
+    rows = rows[-MAX_INPUTS:]
+    if not rows:
+        return np.zeros((0, 0), dtype=np.float32), url
+    try:
+        arr = np.asarray(rows, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise StageError(f"GET {url}: 'inputs' is not a list of equally long number rows", EXIT_ENDPOINT) from None
+    if arr.ndim != 2:
+        raise StageError(f"GET {url}: 'inputs' has shape {'×'.join(map(str, arr.shape))}, expected rows",
+                         EXIT_ENDPOINT)
+    return arr, url
+
+
+def score_inputs(concept_dir: str, inputs, endpoint: dict[str, Any], source: str) -> dict[str, Any]:
+    """The drift JSON (the shape a scoring target answers) for ``inputs``, scored with the concept model."""
+    import json
+
+    import numpy as np
+
+    model_dir = os.path.join(concept_dir, "saved_model")
+    try:
+        with open(os.path.join(concept_dir, "threshold.json")) as fh:
+            info = json.load(fh)
+        threshold = float(info["threshold"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StageError(f"CONCEPT_DIR {concept_dir}: no usable threshold.json ({exc})", 2) from None
+    if not math.isfinite(threshold):
+        raise StageError(f"CONCEPT_DIR {concept_dir}: threshold is not finite", 2)
+    errors = np.zeros((0,), dtype=np.float64)
+    if len(inputs):
+        # TensorFlow's start-up chatter (oneDNN, CPU features) would break the stage's one-line stderr
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+        import tensorflow as tf
+
+        try:
+            fn = tf.saved_model.load(model_dir).signatures["serving_default"]
+        except (OSError, KeyError, ValueError) as exc:
+            raise StageError(f"CONCEPT_DIR {concept_dir}: cannot load the concept model ({type(exc).__name__})",
+                             2) from None
+        (name, spec), = fn.structured_input_signature[1].items()
+        out = []
+        for start in range(0, len(inputs), 1000):
+            result = fn(**{name: tf.constant(inputs[start:start + 1000], dtype=spec.dtype)})
+            out.append(np.asarray(next(iter(result.values())), dtype=np.float64).ravel())
+        errors = np.concatenate(out)
+    outliers = int(len(errors) - np.count_nonzero(errors <= threshold))  # NaN counts as an outlier
+    hist = info.get("histogram") if isinstance(info.get("histogram"), dict) else None
+    return {"model_name": endpoint["model_name"], "version": endpoint["version"], "drift_scoring": True,
+            "scored": int(len(errors)), "outliers": outliers,
+            "window": {"size": int(len(errors)), "outliers": outliers, "capacity": MAX_INPUTS},
+            "threshold": threshold, "quantile": info.get("quantile"), "training_histogram": hist,
+            "recent_errors": [float(e) for e in errors], "source": source}
+
+
+def not_available(endpoint: dict[str, Any], max_rate: float) -> dict[str, Any]:
+    """drift.json when the target neither scores drift nor gives live inputs: reported, not a failure."""
+    return {"rate": 0.0, "max_rate": max_rate, "passed": True, "available": False,
+            "note": f"drift not available for target {target_name(endpoint)}",
+            "model_name": endpoint["model_name"], "version": endpoint["version"],
+            "endpoint_version": endpoint["version"], "drift_scoring": False, "scored": 0, "outliers": 0,
+            "window": {"size": 0, "outliers": 0, "capacity": 0}, "threshold": None, "quantile": None,
+            "test": None, "source": None, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def _int(value: Any, default: int = 0) -> int:
@@ -86,6 +169,7 @@ def summarize(d: dict[str, Any], endpoint: dict[str, Any], max_rate: float, sour
         "rate": rate,
         "max_rate": max_rate,
         "passed": rate <= max_rate,
+        "available": True,
         "note": note,
         "model_name": d.get("model_name") or endpoint["model_name"],
         "version": int(version) if str(version).isdigit() else endpoint["version"],
@@ -234,13 +318,24 @@ def run() -> None:
     cfg = settings()
     endpoint = load_endpoint(cfg["endpoint_dir"])
     make_dir("OUTPUT_DIR", cfg["output_dir"])
-    with HttpClient(cfg["timeout"]) as client:
-        data, source = fetch(client, endpoint)
-    s = summarize(data, endpoint, cfg["max_rate"], source)
-    if s["version"] != endpoint["version"]:
-        log(STAGE, f"note: the stable label points at version {s['version']}, endpoint.json says "
-                   f"{endpoint['version']}: reporting version {s['version']}")
     out = cfg["output_dir"]
+    if not drift_url(endpoint) and not (endpoint.get("inputs_url") and cfg["concept_dir"]):
+        s = not_available(endpoint, cfg["max_rate"])
+        if endpoint.get("inputs_url"):
+            s["note"] += " (it gives live inputs, but CONCEPT_DIR names no concept model to score them)"
+        write_json_atomic(os.path.join(out, "drift.json"), s)
+        plot(os.path.join(out, "drift.png"), {}, s)
+        write_markdown(os.path.join(out, "report.md"), s)
+        log(STAGE, f"{s['note']}: {s['model_name']} version {s['version']} not scored")
+        log(STAGE, f"wrote drift.json, report.md, drift.png to {out}")
+        return
+    with HttpClient(cfg["timeout"]) as client:
+        if drift_url(endpoint):
+            data, source = fetch(client, endpoint)
+        else:
+            inputs, source = fetch_inputs(client, endpoint)
+            data = score_inputs(cfg["concept_dir"], inputs, endpoint, source)
+    s = summarize(data, endpoint, cfg["max_rate"], source)
     write_json_atomic(os.path.join(out, "drift.json"), s)
     plot(os.path.join(out, "drift.png"), data, s)
     write_markdown(os.path.join(out, "report.md"), s)

@@ -26,17 +26,21 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    def add(name: str, help: str) -> argparse.ArgumentParser:
+    def add(name: str, help: str, action: tuple[str, ...] = ()) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
-        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for doit")
+        if action:  # `serve status key=value` as well as `serve key=value status`: sorted out in _main
+            p.add_argument("words", nargs="*", metavar="|".join(action),
+                           help="what to do, and key=value config overrides (as for doit), in any order")
+            p.set_defaults(action_choices=action)
+        else:
+            p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for doit")
         return p
 
     add("plugins", "list every plugin, where it came from, and what it provides")
     add("status", "each stage: up to date, or why it will re-run")
     add("models", "registered model versions, their metrics and serving state")
     add("config", "the effective configuration after overrides (secrets hidden)")
-    serve = add("serve", "start, stop or inspect the serving target")
-    serve.add_argument("action", choices=("start", "stop", "status"))
+    add("serve", "start, stop or inspect the serving target", action=("start", "stop", "status"))
     add("rollback", "make the previous stable version stable again")
     add("report", "the stable endpoint, its tested accuracy and the live drift rate")
     add("monitor", "run the monitor stage now on the live traffic (report under .mlflowctl/monitor/<time>/)")
@@ -83,6 +87,8 @@ def _main(argv: list[str] | None = None) -> int:
     if not args.command:
         _parser().print_help()
         return EXIT_OK
+    if getattr(args, "action_choices", None):
+        _split_action(args)
     try:
         from mlflowctl.config import parse_override
 
@@ -95,6 +101,19 @@ def _main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mlflowctl: interrupted", file=sys.stderr)
         return 130
+
+
+def _split_action(args: Any) -> None:
+    """``words`` -> ``action`` (exactly one of the choices) and ``overrides`` (the key=value words)."""
+    actions = [w for w in args.words if "=" not in w]
+    args.overrides = [w for w in args.words if "=" in w]
+    choices = args.action_choices
+    if len(actions) != 1 or actions[0] not in choices:
+        got = f"got {' '.join(actions)!r}" if actions else "got none"
+        print(f"mlflowctl {args.command}: expected one of {', '.join(choices)} (and key=value overrides), {got}",
+              file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG)
+    args.action = actions[0]
 
 
 def _project(root: Path, overrides: dict[str, str]) -> Any:
@@ -136,7 +155,31 @@ def cmd_plugins(root: Path, overrides: dict[str, str], args: Any) -> int:
             print(f"    provides: {', '.join(info.provides)}")
         if info.hooks:
             print(f"    hooks:    {', '.join(info.hooks)}")
+    print()
+    for kind, section, table in (("backend", "backends", pm.registry.backends), ("store", "stores", pm.registry.stores),
+                                 ("serving target", "serving", pm.registry.serving_targets)):
+        for name, cls in sorted(table.items()):
+            print(f"{kind} {name}: {getattr(cls, 'description', '') or '(no description)'}")
+            for key, setting in (getattr(cls, "settings", {}) or {}).items():
+                print(f"    {section}.{name}.{key} ({_describe_setting(setting)}): {setting.help or '(no help)'}")
     return EXIT_OK
+
+
+def _describe_setting(setting: Any) -> str:
+    """``int, default 8501, 1..65535``: a setting's type, default and allowed values, for people."""
+    from mlflowctl.config import REQUIRED
+
+    parts = [getattr(setting.type, "__name__", str(setting.type))]
+    if setting.secret:
+        parts.append("secret")
+    parts.append("required" if setting.default is REQUIRED else f"default {setting.default}")
+    if setting.min is not None or setting.max is not None:
+        low = "" if setting.min is None else f"{setting.min:g}"
+        high = "" if setting.max is None else f"{setting.max:g}"
+        parts.append(f"{low}..{high}")
+    if setting.choices:
+        parts.append(f"one of {'|'.join(map(str, setting.choices))}")
+    return ", ".join(parts)
 
 
 def cmd_status(root: Path, overrides: dict[str, str], args: Any) -> int:
@@ -198,19 +241,28 @@ def cmd_serve(root: Path, overrides: dict[str, str], args: Any) -> int:
     elif args.action == "stop":
         target.stop()
     else:
-        status = target.status()
-        if not status.get("running"):
+        from mlflowctl.serving import as_status
+
+        status = as_status(target, target.status())
+        if not status.running:
             print(f"{target.name} server: not running (start it with: mlflowctl serve start)")
             return EXIT_OK
-        print(status.get("predict_url") or target.endpoint().predict_url)
-        if status.get("grpc"):
-            print(f"  gRPC (TF Serving PredictionService): {status['grpc']}")
-        labels = {v: k for k, v in (status.get("labels") or {}).items()}
-        for v in status.get("versions") or []:
-            label = f"  [{labels[v['version']]}]" if v.get("version") in labels else ""
-            print(f"  version {v.get('version')}: {v.get('state')}{label}")
-        extra = {k: status[k] for k in ("runtime", "pid", "container", "metrics_url", "log") if status.get(k)}
-        print("  " + json.dumps(extra, default=str))
+        if not status.versions:
+            print(f"{target.name} server: running, no version deployed (deploy one with: doit)")
+            return EXIT_OK
+        print(status.predict_url or target.endpoint().predict_url)
+        if status.grpc:
+            print(f"  gRPC (TF Serving PredictionService): {status.grpc}")
+        for v in status.versions:
+            labels = status.labels_of(v.version)
+            shown = f"  [{','.join(labels)}]" if labels else ""
+            error = f" ({v.error})" if v.error else ""
+            print(f"  version {v.version}: {v.state}{shown}{error}")
+        if status.error:
+            print(f"  error: {status.error}")
+        extra = {k: v for k, v in {**status.details, "metrics_url": status.metrics_url}.items() if v}
+        if extra:
+            print("  " + json.dumps(extra, default=str, sort_keys=True))
     return EXIT_OK
 
 
@@ -297,19 +349,37 @@ def cmd_report(root: Path, overrides: dict[str, str], args: Any) -> int:
             return {}
 
     endpoint = project.serving.endpoint()
-    test, drift = result("integration_test", "report.json"), result("monitor", "drift.json")
+    test, drift = _tested(project, stable, result("integration_test", "report.json")), result("monitor", "drift.json")
+    if drift and drift.get("version") != stable:
+        drift = {}  # the monitor looked at another version: not this one's drift
     print(f"stable:    {project.model_name} version {stable}")
     print(f"endpoint:  {endpoint.predict_url}")
     if test:
         ood = test.get("ood_rate") or {}
-        print(f"accuracy:  {test.get('accuracy', float('nan')):.4f} on {test.get('samples')} held-out images "
+        samples = f" on {test['samples']} held-out images" if test.get("samples") else ""
+        print(f"accuracy:  {test.get('accuracy', float('nan')):.4f}{samples} "
               f"(floor {test.get('min_accuracy')}); flagged out-of-distribution: noisy {ood.get('noisy')}, "
               f"random {ood.get('random')}")
+    else:
+        print(f"accuracy:  not tested (no integration test report of version {stable})")
     if drift:
         note = f" — {drift['note']}" if drift.get("note") else ""
         print(f"drift:     {drift.get('rate', 0):.2f} of {drift.get('scored', 0)} live images out of distribution "
               f"(max {drift.get('max_rate')}){note}; report: {pipeline.current_result('monitor') / 'report.md'}")
     return EXIT_OK
+
+
+def _tested(project: Any, stable: int, report: dict[str, Any]) -> dict[str, Any]:
+    """The integration test figures of version ``stable``, never another version's.
+
+    The current ``integration_test`` result counts only if it tested ``stable``; else the summary
+    recorded with the version's promotion verdict (``mlflowctl models``) is used.
+    """
+    tested = (report.get("endpoint") or {}).get("version") if isinstance(report.get("endpoint"), dict) else None
+    if report and tested == stable:
+        return report
+    recorded = project.models.verdict(stable).get("report")
+    return recorded if isinstance(recorded, dict) and "accuracy" in recorded else {}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -48,6 +48,13 @@ class Project:
         cls = self.pm.registry.backend(name)
         return cls(self.settings("backends", name), self)
 
+    def backend_named(self, name: str) -> Any:
+        """The backend ``name`` with its configured settings (the selected one is :attr:`backend`)."""
+        if name == self.config["backend"]:
+            return self.backend
+        cls = self.pm.registry.backend(name)
+        return cls(self.settings("backends", name), self)
+
     @cached_property
     def store(self) -> Any:
         url = self.config["store"]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflowctl.errors import GateFailed, MlflowctlError
+from mlflowctl.serving import CANARY, STABLE, endpoint_for_stages
 
 ENDPOINT_FILE = "endpoint.json"
 
@@ -32,11 +33,42 @@ def deploy_version(project: Any, ctx: Any) -> None:
     version = project.models.servable(number)
     target = project.serving
     target.preflight()
-    endpoint = target.deploy(version, label="canary", weight=0.0)
-    project.models.set_label("canary", number)
+    retire_previous_target(project)
+    endpoint = endpoint_for_stages(target, target.deploy(version, label=CANARY, weight=0.0))
+    project.models.set_label(CANARY, number)
     ctx.log.line(f"{version.name} version {number} answers at {endpoint.predict_url}")
     _write(ctx.output / ENDPOINT_FILE, endpoint.to_dict())
     project.pm.hook.mlflowctl_deployed(version=version, endpoint=endpoint)
+
+
+TARGET_FILE = "serving-target.json"
+
+
+def retire_previous_target(project: Any) -> str | None:
+    """Switching ``serving.target``: stop what the previously used target serves for this project.
+
+    The deploy stage records the target it deployed with in ``.mlflowctl/serving-target.json``;
+    when that name differs from the selected one, the old target's :meth:`stop` runs first (a
+    target that is no longer installed is reported and left alone). Returns the retired name.
+    """
+    record = Path(project.state_dir) / TARGET_FILE
+    try:
+        previous = json.loads(record.read_text()).get("target")
+    except (OSError, ValueError, AttributeError):
+        previous = None
+    current = project.serving.name
+    retired = None
+    if isinstance(previous, str) and previous and previous != current:
+        try:
+            cls = project.pm.registry.serving_target(previous)
+        except MlflowctlError:
+            cls = None  # uninstalled: nothing mlflowctl can stop
+        if cls is not None:
+            cls(project.settings("serving", previous), project).stop()
+            retired = previous
+    if previous != current:
+        _write(record, {"target": current})
+    return retired
 
 
 def deployment_holds(project: Any, result_dir: Path) -> bool:
@@ -67,19 +99,22 @@ def promote_version(project: Any, ctx: Any) -> None:
     if reason:
         if previous != number:
             target.undeploy(number)
-        models.set_label("canary", None)
+        else:
+            target.set_label(CANARY, None)
+        models.set_label(CANARY, None)
         models.set_verdict(number, "rejected", reason, report=_summary(report))
         ctx.log.line(f"version {number} rejected: {reason}")
         keeps = f"version {previous} stays stable" if previous else "no version is stable yet"
         raise GateFailed(f"{version.name} version {number} not promoted: {reason}; {keeps}",
                          hint="mlflowctl models shows every version and why")
-    target.set_label("stable", number)
-    models.set_label("stable", number)
-    models.set_label("canary", None)
+    target.set_label(STABLE, number)
+    target.set_label(CANARY, None)  # the stable version is no canary any more (on the target as in the registry)
+    models.set_label(STABLE, number)
+    models.set_label(CANARY, None)
     if previous and previous != number:
         models.set_verdict(previous, "superseded", f"version {number} promoted")
     models.set_verdict(number, "promoted", f"accuracy {accuracy:.4f} >= floor {floor:.4f}", report=_summary(report))
-    stable = target.endpoint()  # the URL a TF Serving client calls: /v1/models/<name>:predict
+    stable = endpoint_for_stages(target, target.endpoint())  # the URL a client without a label calls
     ctx.log.line(f"version {number} is stable: {stable.predict_url}")
     _write(ctx.output / ENDPOINT_FILE, {**stable.to_dict(), "version": number})
     _write(ctx.output / "promotion.json", {"version": number, "previous": previous, "report": _summary(report)})

@@ -43,7 +43,7 @@ from typing import Any, Iterator
 from mlflowctl import hookimpl
 from mlflowctl.config import Setting
 from mlflowctl.errors import ConfigError, MlflowctlError, UnavailableError
-from mlflowctl.serving import Endpoint, ServingTarget
+from mlflowctl.serving import Endpoint, ServingStatus, ServingTarget, VersionStatus
 from mlflowctl.state import pid_alive as _pid_alive
 
 SERVER_SCRIPT = "serve.py"
@@ -242,17 +242,11 @@ class _DockerRuntime:
     @property
     def backend(self) -> Any:
         if self._backend is None:
-            project = self.target.project
-            config = getattr(project, "config", None)
-            if config is not None and config["backend"] == "docker":
-                self._backend = project.backend
-            else:
-                try:
-                    cls = project.pm.registry.backend("docker")
-                    self._backend = cls(config["backends"]["docker"], project)
-                except (MlflowctlError, AttributeError, KeyError, TypeError) as exc:
-                    raise ConfigError(f"serving.local.runtime=docker needs the docker backend plugin ({exc})",
-                                      hint="set serving.local.runtime to process") from None
+            try:
+                self._backend = self.target.project.backend_named("docker")
+            except (MlflowctlError, AttributeError, KeyError, TypeError) as exc:
+                raise ConfigError(f"serving.local.runtime=docker needs the docker backend plugin ({exc})",
+                                  hint="set serving.local.runtime to process") from None
         return self._backend
 
     def client(self) -> Any:
@@ -488,6 +482,10 @@ class LocalServing(ServingTarget):
 
     def metrics_url(self) -> str | None:
         return f"{self.url}/metrics"
+
+    def drift_url(self, version: int) -> str | None:
+        """The server scores drift with each version's concept model (``GET /monitor/v1/models/<name>/drift``)."""
+        return f"{self.url}/monitor/v1/models/{self.model_name}/drift"
 
     @property
     def grpc_target(self) -> str:
@@ -864,38 +862,37 @@ class LocalServing(ServingTarget):
             return False
         return any(str(s.get("state")) == "AVAILABLE" for s in states if isinstance(s, dict))
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> ServingStatus:
         import requests
 
         routing = self._routing()
         server = self._server()
         runtime, info = server if server is not None else (None, {})
-        out: dict[str, Any] = {
-            "target": self.name, "running": False, "pid": None, "container": None,
-            "runtime": runtime.name if runtime is not None else self.runtime_name,
-            "url": "", "model_name": self.model_name,
-            "versions": [{"version": v, "state": "STOPPED", "error": ""} for v in routing["versions"]],
-            "labels": routing["labels"], "canary_weight": routing["canary_weight"],
-            "predict_url": "", "metrics_url": "", "grpc": "", "log": str(self.log_file),
-        }
+        out = ServingStatus(
+            target=self.name, running=False, model_name=self.model_name,
+            versions=[VersionStatus(v, "STOPPED") for v in routing["versions"]],
+            labels=dict(routing["labels"]), canary_weight=routing["canary_weight"],
+            details={"pid": None, "container": None, "log": str(self.log_file),
+                     "runtime": runtime.name if runtime is not None else self.runtime_name},
+        )
         if runtime is None:
             return out
-        out.update(runtime.describe(info))
+        out.details.update(runtime.describe(info))
         url = self._server_url()
-        out.update(url=url, predict_url=f"{url}/v1/models/{self.model_name}:predict", metrics_url=f"{url}/metrics",
-                   grpc=info.get("grpc", ""))
+        out.url, out.predict_url, out.metrics_url = url, f"{url}/v1/models/{self.model_name}:predict", f"{url}/metrics"
+        out.grpc = info.get("grpc", "")
         try:
             r = self._get(f"/v1/models/{self.model_name}")
-            out["running"] = True
+            out.running = True
             if r.status_code == 200:
                 states = {int(s["version"]): s for s in r.json().get("model_version_status", [])}
-                out["versions"] = [
-                    {"version": v, "state": states[v]["state"] if v in states else "UNKNOWN",
-                     "error": states[v].get("status", {}).get("error_message", "") if v in states else ""}
+                out.versions = [
+                    VersionStatus(v, states[v]["state"] if v in states else "UNKNOWN",
+                                  states[v].get("status", {}).get("error_message", "") if v in states else "")
                     for v in routing["versions"]
                 ]
         except (requests.RequestException, ValueError, KeyError):
-            out["error"] = f"the server {'container' if runtime.name == 'docker' else 'process'} runs but does not answer"
+            out.error = f"the server {'container' if runtime.name == 'docker' else 'process'} runs but does not answer"
         return out
 
     def endpoint(self, version: int | None = None, label: str | None = None) -> Endpoint:

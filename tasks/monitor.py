@@ -6,7 +6,7 @@ MONITOR = Stage(
     name="monitor",
     command=("python", "monitor.py"),
     code=("monitor.py", "endpoint_client.py", "common.py"),
-    inputs=(("ENDPOINT_DIR", "promote"),),
+    inputs=(("ENDPOINT_DIR", "promote"), ("CONCEPT_DIR", "train_concept")),
     output="OUTPUT_DIR",
     doc="report drift of the stable version's live traffic (markdown + PNG); fail above monitor.max_drift_rate",
 )

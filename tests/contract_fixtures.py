@@ -6,17 +6,10 @@ can import these suites and parametrize them with its own factory).
 from __future__ import annotations
 
 import os
-import types
 from pathlib import Path
 from typing import Any, Callable
 
-
-def fake_project(root: Path) -> Any:
-    """The few project attributes backends and stores read."""
-    state = root / ".mlflowctl"
-    state.mkdir(parents=True, exist_ok=True)
-    return types.SimpleNamespace(root=root, name="contract", model_name="m", state_dir=state,
-                                 stage_code_dir=root / "image", config={})
+from mlflowctl.testing import fake_project
 
 
 def local_store(root: Path) -> Any:

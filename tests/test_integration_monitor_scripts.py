@@ -37,7 +37,9 @@ PATHS = {
     "tfserving": f"/v1/models/{NAME}/versions/{VERSION}:predict",
     "v2": f"/v2/models/{NAME}/versions/{VERSION}/infer",
     "seldon": "/api/v1.0/predictions",
+    "hydrosphere": f"/gateway/application/{NAME}",
 }
+LIVE_INPUTS = "/live-inputs"  # a target's sample of live inputs (mlflowctl.serving: live_inputs_url)
 
 
 # =============================================================== the fake server
@@ -71,6 +73,7 @@ class Fake:
         self.drift_queries: list[dict] = []
         self.test = {"scored": 1000, "outliers": 111}   # non-zero start: the script must use deltas
         self.live = {"scored": 5000, "outliers": 222}
+        self.live_inputs: list | None = None  # GET /live-inputs answers {"inputs": these}
 
     # -- predict --
     def predict(self, protocol: str, body: Any, tagged: bool) -> tuple[int, bytes]:
@@ -102,6 +105,8 @@ class Fake:
             out = {"model_name": NAME, "model_version": str(VERSION), "id": "1",
                    "outputs": [{"name": "probabilities", "shape": list(probs.shape), "datatype": "FP32",
                                 "data": probs.ravel().tolist()}]}
+        elif protocol == "hydrosphere":
+            out = {"probabilities": probs.tolist()}
         else:
             out = {"data": {"names": [f"t:{i}" for i in range(10)], "ndarray": probs.tolist()}, "meta": {}}
         return 200, json.dumps(out).encode()
@@ -119,6 +124,9 @@ class Fake:
             assert width == 784 and len(inp["data"]) == n * 784
             assert all(isinstance(v, (int, float)) for v in inp["data"][:50])
             rows = np.asarray(inp["data"], dtype=np.float64).reshape(n, 784)
+        elif protocol == "hydrosphere":
+            assert set(body) == {"images"}
+            rows = body["images"]
         else:
             rows = body["data"]["ndarray"]
         assert len(rows) >= 1 and all(len(r) == 784 for r in rows)
@@ -180,7 +188,9 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         fake: Fake = self.server.fake
         url = urlsplit(self.path)
-        if url.path != f"/monitor/v1/models/{NAME}/drift":
+        if url.path == LIVE_INPUTS and fake.live_inputs is not None:
+            return self._send(200, {"inputs": fake.live_inputs})
+        if url.path not in (f"/monitor/v1/models/{NAME}/drift", "/custom/drift"):
             return self._send(404, {"error": f"no route {url.path}"})
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
         status, out = fake.drift_json(query)
@@ -229,11 +239,13 @@ def dataset(tmp_path_factory) -> tuple[Path, np.ndarray, np.ndarray, dict[bytes,
     return data_dir, x, y, labels
 
 
-def write_endpoint(dir_: Path, url: str, protocol: str = "tfserving") -> Path:
+def write_endpoint(dir_: Path, url: str, protocol: str = "tfserving", **contract: str) -> Path:
+    """endpoint.json; ``contract`` adds drift_url / inputs_url / target (without them: an endpoint.json
+    written before the contract named drift, which means the built-in server's drift path)."""
     dir_.mkdir(parents=True, exist_ok=True)
     (dir_ / "endpoint.json").write_text(json.dumps({
         "url": url, "predict_url": url + PATHS.get(protocol, PATHS["tfserving"]),
-        "model_name": NAME, "version": VERSION, "protocol": protocol}))
+        "model_name": NAME, "version": VERSION, "protocol": protocol, **contract}))
     return dir_
 
 
@@ -244,11 +256,13 @@ def run_script(script: str, timeout: float = 60, **env: Any) -> subprocess.Compl
                           timeout=timeout)
 
 
-def integration(dataset, tmp_path: Path, url: str, protocol: str = "tfserving", **env: Any):
+def integration(dataset, tmp_path: Path, url: str, protocol: str = "tfserving", contract: dict | None = None,
+                **env: Any):
     settings = {"MIN_ACCURACY": 0.8, "SAMPLES": 50, "BATCH_SIZE": 16, "NOISE": 0.5, "TIMEOUT": 10, **env}
     out = tmp_path / "out"
     proc = run_script("integration_test.py", MNIST_DATA_DIR=dataset[0], OUTPUT_DIR=out,
-                      ENDPOINT_DIR=write_endpoint(tmp_path / "endpoint", url, protocol), **settings)
+                      ENDPOINT_DIR=write_endpoint(tmp_path / "endpoint", url, protocol, **(contract or {})),
+                      **settings)
     report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else None
     return proc, report, out
 
@@ -373,7 +387,7 @@ def test_legacy_server_counters_fall_back_to_top_level(dataset, tmp_path, serve)
         assert report["ood_rate"][part] == pytest.approx(rate(keys)), part
 
 
-@pytest.mark.parametrize("protocol", ["v2", "seldon"])
+@pytest.mark.parametrize("protocol", ["v2", "seldon", "hydrosphere"])
 def test_v2_and_seldon_request_shapes(dataset, tmp_path, serve, protocol):
     _, _, _, labels = dataset
     fake = Fake(labels, drift=None)  # other serving targets have no drift monitor
@@ -386,6 +400,8 @@ def test_v2_and_seldon_request_shapes(dataset, tmp_path, serve, protocol):
     first = fake.bodies[0]
     if protocol == "v2":
         assert first["inputs"][0]["shape"] == [25, 784] and len(first["inputs"][0]["data"]) == 25 * 784
+    elif protocol == "hydrosphere":
+        assert len(first["images"]) == 25 and len(first["images"][0]) == 784
     else:
         assert len(first["data"]["ndarray"]) == 25 and len(first["data"]["ndarray"][0]) == 784
     assert "n/a" in proc.stdout
@@ -449,8 +465,8 @@ def test_bad_settings_and_inputs(dataset, tmp_path):
     proc, _, _ = integration(dataset, tmp_path, url, MIN_ACCURACY="high")
     assert_one_line_failure(proc, "MIN_ACCURACY")
     assert proc.returncode == 2
-    proc, _, _ = integration(dataset, tmp_path, url, protocol="hydrosphere")
-    assert_one_line_failure(proc, "hydrosphere", "not supported")
+    proc, _, _ = integration(dataset, tmp_path, url, protocol="grpc-web")
+    assert_one_line_failure(proc, "unknown protocol 'grpc-web'")
     (tmp_path / "empty").mkdir()
     proc = run_script("integration_test.py", MNIST_DATA_DIR=dataset[0], OUTPUT_DIR=tmp_path / "o",
                       ENDPOINT_DIR=tmp_path / "empty", MIN_ACCURACY=0.8, SAMPLES=5, BATCH_SIZE=5, NOISE=0.1, TIMEOUT=1)
@@ -492,9 +508,10 @@ def live_errors(n: int, above: int, seed: int = 1) -> list[float]:
     return [float(v) for v in rng.permutation(np.concatenate([low, high]))]
 
 
-def monitor(tmp_path: Path, url: str, **env: Any):
+def monitor(tmp_path: Path, url: str, contract: dict | None = None, **env: Any):
     out = tmp_path / "mon"
-    proc = run_script("monitor.py", timeout=120, ENDPOINT_DIR=write_endpoint(tmp_path / "endpoint", url),
+    proc = run_script("monitor.py", timeout=120, ENDPOINT_DIR=write_endpoint(tmp_path / "endpoint", url,
+                                                                            **(contract or {})),
                       OUTPUT_DIR=out, **{"MAX_DRIFT_RATE": 0.5, "TIMEOUT": 10, **env})
     drift = json.loads((out / "drift.json").read_text()) if (out / "drift.json").is_file() else None
     return proc, drift, out
@@ -596,3 +613,91 @@ def test_monitor_bad_setting(tmp_path):
 def test_requirements_list_matplotlib():
     lines = [line.split("#")[0].strip() for line in (IMAGE_DIR / "requirements.txt").read_text().splitlines()]
     assert any(line.lower().startswith("matplotlib") for line in lines)
+
+
+# ======================================================= drift through the serving contract
+def test_integration_test_asks_no_drift_of_a_target_without_it(dataset, tmp_path, serve):
+    _, _, _, labels = dataset
+    fake = Fake(labels, drift="test")
+    srv = serve(fake)
+    proc, report, _ = integration(dataset, tmp_path, srv.url, contract={"drift_url": "", "target": "tfs"}, SAMPLES=20)
+    assert proc.returncode == 0, proc.stderr
+    assert fake.drift_queries == [] and report["ood_source"] is None and report["accuracy"] == 1.0
+
+
+def test_integration_test_reads_drift_where_the_target_says(dataset, tmp_path, serve):
+    _, _, _, labels = dataset
+    fake = Fake(labels, drift="test")
+    srv = serve(fake)
+    proc, report, _ = integration(dataset, tmp_path, srv.url, contract={"drift_url": srv.url + "/custom/drift"},
+                                  SAMPLES=20)
+    assert proc.returncode == 0, proc.stderr
+    assert fake.drift_queries and report["ood_source"] == "test"
+
+
+def test_monitor_reports_drift_not_available_without_failing(tmp_path, serve):
+    fake = Fake({}, monitor=drift_doc(live_errors(200, 190)))  # would fail the gate if it were asked
+    srv = serve(fake)
+    proc, drift, out = monitor(tmp_path, srv.url, {"drift_url": "", "inputs_url": "", "target": "tfserving"})
+    assert proc.returncode == 0, proc.stderr
+    assert fake.drift_queries == []
+    assert drift["available"] is False and drift["passed"] is True and drift["rate"] == 0.0
+    assert drift["note"] == "drift not available for target tfserving"
+    assert "drift not available for target tfserving" in proc.stdout and proc.stderr.strip() == ""
+    assert "drift not available for target tfserving" in (out / "report.md").read_text()
+    assert_png(out / "drift.png")
+
+
+def test_monitor_reads_the_targets_drift_url(tmp_path, serve):
+    fake = Fake({}, monitor=drift_doc(live_errors(200, 20)))
+    srv = serve(fake)
+    proc, drift, _ = monitor(tmp_path, srv.url, {"drift_url": srv.url + "/custom/drift", "target": "x"})
+    assert proc.returncode == 0, proc.stderr
+    assert drift["available"] is True and drift["rate"] == pytest.approx(0.10)
+    assert drift["source"] == f"{srv.url}/custom/drift?label=stable"
+
+
+@pytest.fixture(scope="module")
+def concept_dir(tmp_path_factory):
+    """A concept model as train_concept writes it: saved_model/ (error = mean(x**2)) + threshold.json (0.25)."""
+    import serving_fixtures as fx
+
+    root = tmp_path_factory.mktemp("concept")
+    fx.save_concept(root / "saved_model")
+    (root / "threshold.json").write_text((root / "saved_model" / "threshold.json").read_text())
+    return root
+
+
+def test_monitor_scores_a_targets_live_inputs_with_the_concept_model(tmp_path, serve, concept_dir):
+    fake = Fake({})
+    fake.live_inputs = [[0.0] * 784] * 4 + [[1.0] * 784] * 2  # errors 0, 0, 0, 0, 1, 1: 2 of 6 above 0.25
+    srv = serve(fake)
+    contract = {"drift_url": "", "inputs_url": srv.url + LIVE_INPUTS, "target": "sampler"}
+    proc, drift, out = monitor(tmp_path, srv.url, contract, CONCEPT_DIR=concept_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert drift["available"] is True and drift["rate"] == pytest.approx(2 / 6)
+    assert drift["scored"] == 6 and drift["outliers"] == 2 and drift["threshold"] == 0.25
+    assert drift["source"] == srv.url + LIVE_INPUTS
+    assert_png(out / "drift.png")
+    proc, drift, _ = monitor(tmp_path, srv.url, contract, CONCEPT_DIR=concept_dir, MAX_DRIFT_RATE=0.2)
+    assert proc.returncode == 6 and stderr_lines(proc) == ["monitor: drift rate 0.33 > max 0.20 on mnist version 3"]
+
+
+def test_monitor_with_live_inputs_but_no_concept_model_says_why(tmp_path, serve):
+    fake = Fake({})
+    fake.live_inputs = [[1.0] * 784]
+    srv = serve(fake)
+    proc, drift, _ = monitor(tmp_path, srv.url, {"drift_url": "", "inputs_url": srv.url + LIVE_INPUTS,
+                                                 "target": "sampler"})
+    assert proc.returncode == 0, proc.stderr
+    assert drift["available"] is False and "CONCEPT_DIR names no concept model" in drift["note"]
+
+
+def test_monitor_rejects_malformed_live_inputs_in_one_line(tmp_path, serve, concept_dir):
+    fake = Fake({})
+    fake.live_inputs = [[0.0] * 784, [0.0] * 3]
+    srv = serve(fake)
+    proc, drift, _ = monitor(tmp_path, srv.url, {"drift_url": "", "inputs_url": srv.url + LIVE_INPUTS},
+                             CONCEPT_DIR=concept_dir)
+    assert_one_line_failure(proc, "'inputs' is not a list of equally long number rows")
+    assert proc.returncode == 5 and drift is None

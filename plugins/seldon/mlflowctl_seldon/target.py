@@ -27,7 +27,7 @@ from typing import Any
 
 from mlflowctl.config import Setting
 from mlflowctl.errors import ConfigError, MlflowctlError, UnavailableError
-from mlflowctl.serving import Endpoint, ServingTarget
+from mlflowctl.serving import Endpoint, ServingStatus, ServingTarget, VersionStatus
 from mlflowctl.state import pid_alive
 from mlflowctl.target_state import TargetState
 
@@ -35,6 +35,7 @@ MODEL_CLASS = "MlflowctlModel"
 MODEL_DIR = Path(__file__).resolve().parent / "model"
 PREDICT_PATH = "/api/v1.0/predictions"
 STOP_TIMEOUT = 10.0
+LOAD_FAILED = "cannot load the model"  # MlflowctlModel.health_status() says so
 
 
 def free_port(host: str) -> int:
@@ -179,6 +180,11 @@ class SeldonTarget(ServingTarget):
             status, text = _http("GET", f"{self._url(proc)}/health/status")
             if status == 200:
                 return proc
+            if LOAD_FAILED in text:  # the model class could not load the version: no use waiting
+                self._terminate(proc)
+                reason = text[text.index(LOAD_FAILED):].split('"')[0][:300]
+                raise MlflowctlError(f"Seldon cannot serve version {number} of {self.model_name}: {reason}",
+                                     hint=f"see {log}")
             last = f"HTTP {status}" if status else text
             if time.monotonic() > deadline:
                 self._terminate(proc)
@@ -267,7 +273,7 @@ class SeldonTarget(ServingTarget):
         proc = self._record()["versions"].get(str(int(version)))
         return self._alive(proc) and _http("GET", f"{self._url(proc)}/health/ping")[0] == 200
 
-    def status(self) -> Any:
+    def status(self) -> ServingStatus:
         if self.runtime_name == "k8s":
             return self._k8s_runtime().status()
         rec = self._record()
@@ -288,13 +294,7 @@ class SeldonTarget(ServingTarget):
                             details={"runtime": "local", "processes": {k: v.get("pid") for k, v in rec["versions"].items()},
                                      "log_dir": str(self.state.dir)})
 
-    def _status(self, **fields: Any) -> Any:
-        """The status in the contract's type (``ServingStatus`` where the core has it)."""
-        try:
-            from mlflowctl.serving import ServingStatus, VersionStatus
-        except ImportError:  # an older core: the free dict
-            details = fields.pop("details", {})
-            return {"target": self.name, "model_name": self.model_name, **details, **fields}
+    def _status(self, **fields: Any) -> ServingStatus:
         fields["versions"] = [VersionStatus(**v) for v in fields["versions"]]
         return ServingStatus(target=self.name, model_name=self.model_name, **fields)
 

@@ -31,7 +31,7 @@ from typing import Any
 
 from mlflowctl.config import Setting
 from mlflowctl.errors import ConfigError, MlflowctlError, UnavailableError
-from mlflowctl.serving import Endpoint, ServingTarget
+from mlflowctl.serving import Endpoint, ServingStatus, ServingTarget, VersionStatus
 from mlflowctl.target_state import TargetState
 
 CONFIG_IN_CONTAINER = "/config/models.config"
@@ -417,22 +417,26 @@ class TFServingTarget(ServingTarget):
         state, _, _ = self._version_state(f"/versions/{int(version)}")
         return state == "AVAILABLE"
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> ServingStatus:
         rec = self._record()
-        out: dict[str, Any] = {"target": self.name, "running": False, "runtime": self.runtime_name,
-                               "url": "", "model_name": self.model_name, "labels": rec["labels"],
-                               "versions": [{"version": v, "state": "STOPPED", "error": ""} for v in rec["versions"]],
-                               "predict_url": "", "grpc": ""}
+        out = ServingStatus(target=self.name, model_name=self.model_name, labels=dict(rec["labels"]),
+                            versions=[VersionStatus(v, "STOPPED") for v in rec["versions"]],
+                            details={"runtime": self.runtime_name, "container": self.container_name()
+                                     if self.runtime_name == "docker" else "", "config": str(self.config_dir)})
         code, body = self._get(f"v1/models/{self.model_name}")
         if code == 0:
             return out
-        out.update(running=True, url=self.url, predict_url=self._predict_url(label="stable"), grpc=self.grpc)
+        out.running, out.url, out.grpc = True, self.url, self.grpc
+        if "stable" in rec["labels"]:
+            out.predict_url = self._predict_url(label="stable")
         states = {}
         if code == 200 and isinstance(body, dict):
             states = {int(s["version"]): s for s in body.get("model_version_status", [])}
-        out["versions"] = [{"version": v, "state": states[v]["state"] if v in states else "UNKNOWN",
-                            "error": (states[v].get("status") or {}).get("error_message", "") if v in states else ""}
-                           for v in rec["versions"]]
+        elif code != 404:
+            out.error = f"TF Serving answers HTTP {code} for /v1/models/{self.model_name}"
+        out.versions = [VersionStatus(v, states[v]["state"] if v in states else "UNKNOWN",
+                                      (states[v].get("status") or {}).get("error_message", "") if v in states else "")
+                        for v in rec["versions"]]
         return out
 
     def endpoint(self, version: int | None = None, label: str | None = None) -> Endpoint:

@@ -16,13 +16,18 @@ class MlflowctlModel:
         self.model_dir = model_dir
         self.signature = signature
         self.ready = False
+        self.error = ""
         self._fn = None
 
     def load(self) -> None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import tensorflow as tf
 
-        fn = tf.saved_model.load(self.model_dir).signatures[self.signature]
+        try:
+            fn = tf.saved_model.load(self.model_dir).signatures[self.signature]
+        except Exception as exc:  # noqa: BLE001 - kept, and told by health_status (the target fails fast)
+            self.error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+            return
         ((self._input, spec),) = fn.structured_input_signature[1].items()
         self._dtype = spec.dtype
         self._shape = spec.shape
@@ -37,6 +42,9 @@ class MlflowctlModel:
 
         if not self.ready:
             self.load()
+        if not self.ready:
+            raise SeldonMicroserviceException(f"cannot load the model {self.model_dir}: {self.error}",
+                                              status_code=500, reason="MICROSERVICE_INTERNAL_ERROR")
         try:
             x = tf.constant(np.asarray(X), dtype=self._dtype)
             if not self._shape.is_compatible_with(x.shape):  # a signature call does not check it
@@ -49,8 +57,13 @@ class MlflowctlModel:
         return out[self._outputs[0]].numpy()
 
     def health_status(self):
+        from seldon_core.flask_utils import SeldonMicroserviceException
+
+        if self.error:
+            raise SeldonMicroserviceException(f"cannot load the model {self.model_dir}: {self.error}",
+                                              status_code=500, reason="MICROSERVICE_INTERNAL_ERROR")
         if not self.ready:
-            raise RuntimeError("model not loaded yet")
+            raise SeldonMicroserviceException("model not loaded yet", status_code=503)
         return {"ready": True, "model_dir": self.model_dir}
 
     def init_metadata(self):

@@ -25,7 +25,7 @@ VBIN        := $(VENV)/bin
 PIP         := $(VBIN)/python -m pip
 # The serving targets shipped as distributions of their own (each registers through the mlflowctl
 # entry-point group, like a third-party plugin): installed editable into the venv.
-TARGET_PLUGINS := plugins/tfserving plugins/seldon
+TARGET_PLUGINS := plugins/tfserving plugins/seldon plugins/hydrosphere
 # Re-install when any of these change (only those that exist).
 INSTALL_DEPS := $(wildcard setup.py setup.cfg pyproject.toml image/requirements.txt image/requirements-nodeps.txt) \
                 $(wildcard $(addsuffix /pyproject.toml,$(TARGET_PLUGINS)))

@@ -6,10 +6,11 @@ setup(
     version="0.1.0",
     description="One doit pipeline from raw data to a tested, monitored model endpoint, on a laptop or Kubernetes",
     python_requires=">=3.10",
-    packages=["mlflowctl", "mlflowctl_plugins"],
+    packages=["mlflowctl", "mlflowctl.testing", "mlflowctl_plugins"],
     package_dir={"mlflowctl_plugins": "plugins"},
     # the page of `mlflowctl ui`: Jinja2 templates and its own CSS/JS (no third-party code)
-    package_data={"mlflowctl": ["templates/ui/*.html", "static/*.css", "static/*.js"]},
+    # `mlflowctl plugin new`: the scaffold's templates
+    package_data={"mlflowctl": ["templates/ui/*.html", "static/*.css", "static/*.js", "templates/scaffold/*/*.tmpl"]},
     # The orchestrator's own dependencies. TensorFlow is needed only by the
     # stage code (image/requirements.txt), never imported by mlflowctl itself.
     install_requires=[

@@ -52,6 +52,14 @@ def _parser() -> argparse.ArgumentParser:
     setup.add_argument("--dry-run", action="store_true", help="ask the server to validate, change nothing")
     prune = add("prune", "remove old stage images and leftover containers of the docker backend")
     prune.add_argument("--keep", type=int, default=1, help="newest images to keep")
+    plugin = sub.add_parser("plugin", help="write a new plugin distribution: plugin new serving NAME",
+                            description="write a new plugin distribution, ready to adapt and passing the "
+                                        "conformance kit: mlflowctl plugin new serving NAME")
+    plugin.add_argument("verb", choices=("new",))
+    plugin.add_argument("kind", choices=("serving",), help="what the plugin provides")
+    plugin.add_argument("name", help="the plugin's name (serving.target: NAME); lower-case, digits, _")
+    plugin.add_argument("--dir", default=None, help="folder to write into (default: ./mlflowctl-NAME)")
+    plugin.set_defaults(overrides=[])
     ui = add("ui", "a read-only local web page: pipeline, model versions, gate verdicts, drift (live)")
     ui.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default 8765; 0: any free port)")
     return parser
@@ -323,6 +331,16 @@ def cmd_prune(root: Path, overrides: dict[str, str], args: Any) -> int:
     backend.preflight()
     for name in backend.prune(keep=args.keep) + backend.prune_containers():
         print(f"removed {name}")
+    return EXIT_OK
+
+
+def cmd_plugin(root: Path, overrides: dict[str, str], args: Any) -> int:
+    from mlflowctl.scaffold import new_serving_target
+
+    dest = Path(args.dir or f"mlflowctl-{args.name.replace('_', '-')}")
+    for path in new_serving_target(args.name, dest):
+        print(path)
+    print(f"next: cd {dest} && pip install -e '.[test]' && pytest")
     return EXIT_OK
 
 

@@ -40,12 +40,7 @@ class KubeServerRuntime:
     def __init__(self, target: Any) -> None:
         self.target = target
         project = target.project
-        if project.config["backend"] == "k8s":
-            self.backend = project.backend
-        else:
-            from mlflowctl_plugins.k8s_backend import KubeBackend
-
-            self.backend = KubeBackend(project.config["backends"].get("k8s") or {}, project)
+        self.backend = project.backend_named("k8s")
         self.kube = self.backend.kube
         self.store = project.store
         self._cluster_url: str | None = None
@@ -62,7 +57,7 @@ class KubeServerRuntime:
 
     @property
     def port(self) -> int:
-        return int(self.target._cfg("port"))
+        return int(self.target.setting("port"))
 
     def routing_path(self) -> str:
         return f"serving/{self.model}/routing.json"
@@ -128,7 +123,7 @@ class KubeServerRuntime:
         b = self.backend
         command = ["python", SERVER_SCRIPT, "--model-name", self.model, "--base-path", f"/models/{self.model}",
                    "--routing", "/serving/routing.json", "--watch-routing", "0.5", "--host", "0.0.0.0",
-                   "--port", str(self.port), "--max-body-bytes", str(int(self.target._cfg("max_body_bytes"))),
+                   "--port", str(self.port), "--max-body-bytes", str(int(self.target.setting("max_body_bytes"))),
                    "--grpc-port", "0"]  # REST and V2 only in the cluster: gRPC is not exposed by the Service yet
         container: dict[str, Any] = {
             "name": "serve", "image": image, "imagePullPolicy": b.setting("image_pull_policy"), "command": command,

@@ -11,17 +11,15 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from conftest import VENV_BIN, make_project
-from mlflowctl import hookimpl
+from conftest import VENV_BIN
 from mlflowctl.errors import MlflowctlError, PluginError
 from mlflowctl.project import Project
-from mlflowctl.serving import Endpoint, ServingStatus, ServingTarget, VersionStatus, endpoint_for_stages
+from mlflowctl.serving import Endpoint, ServingStatus, VersionStatus, endpoint_for_stages
 
 # ----------------------------------------------------------------------------------- a recording target
 RECORDING_TARGET = '''

@@ -140,6 +140,26 @@ $(SELDON_VENV)/.mlflowctl-seldon.stamp:
 	@touch $@
 	@echo "seldon: $(SELDON_VENV)/bin/seldon-core-microservice ready"
 
+# The SeldonDeployment CRD for the test cluster (the operator itself cannot be built or run here): from
+# Seldon Core's operator Go module (v1.14.0 is the newest the Go module proxy serves; not in the checksum
+# database, hence GONOSUMDB), with its kustomize patch of the graph's schema (graph_children.yaml).
+# tests/test_seldon_k8s.py installs it into the cluster.
+SELDON_OPERATOR := github.com/seldonio/seldon-core/operator@v1.14.0
+SELDON_CRD := .cache/seldon/machinelearning.seldon.io_seldondeployments.yaml
+SELDON_CRD_PATCH := .cache/seldon/graph_children.yaml
+.PHONY: seldon-crd
+test: seldon-crd
+seldon-crd: $(SELDON_CRD)
+$(SELDON_CRD):
+	@if ! command -v go >/dev/null 2>&1; then echo "seldon-crd: no Go toolchain; the Seldon k8s tests will be skipped"; exit 0; fi; \
+	mkdir -p $(dir $(SELDON_CRD)); \
+	dir=$$(GONOSUMDB=github.com/seldonio/seldon-core GOFLAGS=-mod=mod GOMODCACHE=$${GOMODCACHE:-/var/cache/mlflowctl/go/mod} \
+	       go mod download -json $(SELDON_OPERATOR) | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$$/\1/p'); \
+	test -n "$$dir" || { echo "seldon-crd: go mod download $(SELDON_OPERATOR) failed" >&2; exit 1; }; \
+	cp "$$dir/config/crd_v1_small/bases/machinelearning.seldon.io_seldondeployments.yaml" $(SELDON_CRD).tmp; chmod 644 $(SELDON_CRD).tmp; \
+	cp "$$dir/config/crd_v1_small/patches/graph_children.yaml" $(SELDON_CRD_PATCH); chmod 644 $(SELDON_CRD_PATCH); \
+	mv $(SELDON_CRD).tmp $(SELDON_CRD); echo "seldon-crd: $(SELDON_CRD) from $(SELDON_OPERATOR)"
+
 # ---------------------------------------------------------------- main targets
 demo: venv data
 	$(VBIN)/doit -n 2 $(DOIT_ARGS)

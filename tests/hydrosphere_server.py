@@ -31,6 +31,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 CMP = {"Eq": lambda a, b: a == b, "NotEq": lambda a, b: a != b, "Greater": lambda a, b: a > b,
        "GreaterEq": lambda a, b: a >= b, "Less": lambda a, b: a < b, "LessEq": lambda a, b: a <= b}
 
@@ -309,3 +311,11 @@ class HydrosphereServer:
         self.httpd.shutdown()
         self.httpd.server_close()
         self.tmp.cleanup()
+
+
+@pytest.fixture(scope="module")
+def hydrosphere():
+    """A stand-in Hydrosphere cluster on 127.0.0.1 for the module (import this fixture into a test module)."""
+    server = HydrosphereServer()
+    yield server
+    server.stop()

@@ -13,7 +13,7 @@ import yaml
 
 import serving_fixtures as fx
 from conftest import make_project
-from hydrosphere_server import HydrosphereServer
+from hydrosphere_server import hydrosphere  # noqa: F401 - the fixture
 from mlflowctl.errors import ConfigError, UnavailableError
 from mlflowctl.project import Project
 from mlflowctl.testing import make_serving_kit
@@ -21,13 +21,6 @@ from mlflowctl.testing.serving_contract import *  # noqa: F401,F403 - the suite'
 
 NAME = "mnist"
 BLANK = [0.0] * 784
-
-
-@pytest.fixture(scope="module")
-def hydrosphere():
-    server = HydrosphereServer()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

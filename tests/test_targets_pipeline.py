@@ -11,61 +11,37 @@ import json
 
 import pytest
 import requests
+import yaml
 
 from conftest import make_project
-from hydrosphere_server import HydrosphereServer
+
+from hydrosphere_server import hydrosphere  # noqa: F401 - the fixture
 from serving_fixtures import free_port
+from test_e2e import SMALL as E2E_SMALL
 from test_e2e import doit, mlflowctl, ran
 from test_seldon_target import seldon_executable
 
 pytestmark = pytest.mark.slow
 
-SMALL = """\
-project: targets
-model_name: fmnist
-data:
-  dataset: fashion-mnist
-train_model:
-  epochs: 2
-  steps: 60
-train_concept:
-  epochs: 1
-  steps: 40
-integration_test:
-  min_accuracy: 0.6
-  samples: 300
-  batch_size: 50
-monitor:
-  max_drift_rate: 0.5
-serving:
-  target: hydrosphere
-  hydrosphere:
-    url: {hydro}
-    start_timeout: 120
-  seldon:
-    executable: {seldon}
-  tfserving:
-    image: project
-    runtime: docker
-    port: {port}
-    grpc_port: 0
-"""
+def small_config(hydro: str, seldon: str, port: int, project: str = "targets", target: str = "hydrosphere") -> str:
+    """test_e2e's tiny pipeline, served by ``target`` (the three targets' settings given)."""
+    config = yaml.safe_load(E2E_SMALL.format(port=0, grpc_port=0))
+    config["project"] = project
+    config["serving"] = {"target": target, "hydrosphere": {"url": hydro, "start_timeout": 120},
+                         "seldon": {"executable": seldon},
+                         "tfserving": {"image": "project", "runtime": "docker", "port": port, "grpc_port": 0}}
+    return yaml.safe_dump(config, sort_keys=False)
+
+
 SERVING = ("deploy", "integration_test", "promote", "monitor")
 BLANK = [0.0] * 784
-
-
-@pytest.fixture(scope="module")
-def hydrosphere():
-    server = HydrosphereServer()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, hydrosphere):
     port = free_port()
     root = make_project(tmp_path_factory.mktemp("targets") / "proj",
-                        SMALL.format(hydro=hydrosphere.url, seldon=seldon_executable(), port=port))
+                        small_config(hydrosphere.url, seldon_executable(), port))
     yield root, port
     for target in ("tfserving", "seldon", "hydrosphere"):
         mlflowctl(root, "serve", "stop", f"serving.target={target}", check=False)
@@ -133,8 +109,7 @@ def test_tfserving_pipeline(project):
 def test_tfserving_pipeline_with_backend_docker(tmp_path, docker_client):
     """Every stage in a container, TF Serving (the stand-in image) serving the registry folder."""
     port = free_port()
-    text = SMALL.format(hydro="http://127.0.0.1:1", seldon="unused", port=port).replace(
-        "target: hydrosphere", "target: tfserving").replace("project: targets", "project: targetsdocker")
+    text = small_config("http://127.0.0.1:1", "unused", port, project="targetsdocker", target="tfserving")
     root = make_project(tmp_path / "proj", text)
     try:
         proc = doit(root, "backend=docker", timeout=1500)
@@ -149,3 +124,38 @@ def test_tfserving_pipeline_with_backend_docker(tmp_path, docker_client):
         assert r.status_code == 200 and len(r.json()["predictions"][0]) == 10
     finally:
         mlflowctl(root, "serve", "stop", check=False)
+
+
+def test_tfserving_pipeline_on_kubernetes(tmp_path, pvc_claim, kube_cluster, docker_client):
+    """``doit backend=k8s``: stages as Jobs, TF Serving as a Deployment + Service on the claim's registry."""
+    from kube_fixtures import k8s_settings
+
+    namespace, claim = pvc_claim
+    config = yaml.safe_load(small_config("http://127.0.0.1:1", "unused", 8501, project="mnist", target="tfserving"))
+    config.update(backend="k8s", store=f"pvc://{claim}/tfs", backends={"k8s": k8s_settings(namespace)})
+    config["serving"]["tfserving"] = {"image": "project", "start_timeout": 240}
+    root = make_project(tmp_path / "proj", yaml.safe_dump(config, sort_keys=False))
+    try:
+        proc = doit(root, "-n", "2", timeout=1500)
+        assert set(ran(proc)) == {"data", "train_model", "train_concept", "register", *SERVING}, proc.stdout[-3000:]
+        ep = stable_entry_k8s(root)
+        assert ep["protocol"] == "tfserving" and ep["predict_url"].endswith("/v1/models/fmnist/labels/stable:predict")
+        deployments = {d.metadata.name for d in kube_cluster.apps.list_namespaced_deployment(namespace).items}
+        assert "mlflowctl-mnist-tfserving-fmnist" in deployments, deployments
+        status = mlflowctl(root, "serve", "status").stdout
+        assert "version 1: AVAILABLE" in status, status
+    finally:
+        mlflowctl(root, "serve", "stop", check=False)
+
+
+def stable_entry_k8s(root) -> dict:
+    """The promote stage's endpoint.json, read from the claim through the project's store."""
+    from mlflowctl.project import Project
+
+    proj = Project(root)
+    runs = proj.store.list("results/promote")
+    assert runs, "no promote result"
+    for run in runs:
+        folder = proj.store.fetch(f"results/promote/{run}")
+        return json.loads((folder / "endpoint.json").read_text())
+    return {}

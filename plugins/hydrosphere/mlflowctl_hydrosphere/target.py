@@ -83,17 +83,13 @@ class HydrosphereTarget(ServingTarget):
         self._session: Any = None
 
     # ------------------------------------------------------------------ settings
-    def _cfg(self, key: str) -> Any:
-        value = self.config.get(key)
-        return self.settings[key].default if value in (None, "") else value
-
     @property
     def model_name(self) -> str:
         return str(self.project.model_name)
 
     @property
     def base_url(self) -> str:
-        url = str(self._cfg("url") or "").rstrip("/")
+        url = str(self.setting("url") or "").rstrip("/")
         if not url:
             raise ConfigError("serving.hydrosphere.url is not set",
                               hint="set it to your cluster's address (the one `hs cluster add --server` takes)")
@@ -103,7 +99,7 @@ class HydrosphereTarget(ServingTarget):
 
     @property
     def app(self) -> str:
-        return str(self._cfg("application") or self.model_name)
+        return str(self.setting("application") or self.model_name)
 
     def app_name(self, version: int | None = None, label: str | None = None) -> str:
         if version is not None:
@@ -119,8 +115,8 @@ class HydrosphereTarget(ServingTarget):
 
             self._session = requests.Session()
             self._session.headers["Accept"] = "application/json"
-            if self._cfg("token"):
-                self._session.headers["Authorization"] = f"Bearer {self._cfg('token')}"
+            if self.setting("token"):
+                self._session.headers["Authorization"] = f"Bearer {self.setting('token')}"
         return self._session
 
     def _call(self, method: str, path: str, ok: tuple[int, ...] = (200,), **kwargs: Any) -> Any:
@@ -129,7 +125,7 @@ class HydrosphereTarget(ServingTarget):
 
         url = f"{self.base_url}{path}"
         try:
-            r = self._http().request(method, url, timeout=float(self._cfg("timeout")), **kwargs)
+            r = self._http().request(method, url, timeout=float(self.setting("timeout")), **kwargs)
         except requests.RequestException as exc:
             raise UnavailableError(f"Hydrosphere at {self.base_url} is unreachable: {type(exc).__name__}",
                                    hint="check serving.hydrosphere.url and that the cluster runs") from None
@@ -142,13 +138,13 @@ class HydrosphereTarget(ServingTarget):
                                  f"{_one_line(r.text)}") from None
 
     def _wait(self, what: str, probe: Any) -> Any:
-        deadline = time.monotonic() + float(self._cfg("start_timeout"))
+        deadline = time.monotonic() + float(self.setting("start_timeout"))
         while True:
             done, value = probe()
             if done:
                 return value
             if time.monotonic() > deadline:
-                raise UnavailableError(f"Hydrosphere: {what} not ready within {self._cfg('start_timeout'):g}s "
+                raise UnavailableError(f"Hydrosphere: {what} not ready within {self.setting('start_timeout'):g}s "
                                        f"(last: {value})", hint="see the cluster's UI or `hs` for its events")
             time.sleep(0.2)
 
@@ -156,10 +152,10 @@ class HydrosphereTarget(ServingTarget):
     def _contract(self, folder: Path) -> dict[str, Any]:
         """The model's signature for the manager: the registry's input ``images`` and output ``probabilities``,
         read from the version's metadata when it names them."""
-        return render.model_signature(self._cfg("signature"), folder)
+        return render.model_signature(self.setting("signature"), folder)
 
     def _upload(self, name: str, folder: Path, skip: tuple[str, ...] = ()) -> dict[str, Any]:
-        image, _, tag = str(self._cfg("runtime")).partition(":")
+        image, _, tag = str(self.setting("runtime")).partition(":")
         metadata = {"name": name, "runtime": {"name": image, "tag": tag or "latest"},
                     "modelSignature": self._contract(folder), "installCommand": "",
                     "metadata": {"mlflowctl.project": str(self.project.name), "mlflowctl.source": str(folder)}}
@@ -216,9 +212,9 @@ class HydrosphereTarget(ServingTarget):
         threshold = entry.get("threshold")
         out = self.state.dir / "hs"
         out.mkdir(parents=True, exist_ok=True)
-        (out / "serving.yaml").write_text(render.model_yaml(self.model_name, str(self._cfg("runtime"))))
+        (out / "serving.yaml").write_text(render.model_yaml(self.model_name, str(self.setting("runtime"))))
         (out / "application.yaml").write_text(render.application_yaml(
-            self.app, f"{self.model_name}:{entry['hs_version']}", str(self._cfg("runtime")),
+            self.app, f"{self.model_name}:{entry['hs_version']}", str(self.setting("runtime")),
             concept=f"{self.model_name}{CONCEPT_SUFFIX}:{entry['concept_version']}" if threshold is not None else None,
             threshold=threshold))
 
@@ -395,7 +391,7 @@ class HydrosphereTarget(ServingTarget):
 
     def stop(self) -> None:
         """Delete this project's applications (the uploaded model versions stay, as Hydrosphere keeps them)."""
-        if not str(self._cfg("url") or ""):
+        if not str(self.setting("url") or ""):
             return
         with self.state.locked():
             rec = self._record()

@@ -26,14 +26,14 @@ class K8sRuntime:
     # ------------------------------------------------------------------ names
     @property
     def namespace(self) -> str:
-        return str(self.target._cfg("namespace") or self.kube.namespace)
+        return str(self.target.setting("namespace") or self.kube.namespace)
 
     @property
     def name(self) -> str:
         return dns("mlflowctl", str(self.target.project.name)[:20], self.target.model_name[:20])
 
     def model_uri(self) -> str:
-        uri = str(self.target._cfg("model_uri") or "")
+        uri = str(self.target.setting("model_uri") or "")
         if uri:
             return uri
         store_url = str(self.target.project.store.url)
@@ -50,7 +50,7 @@ class K8sRuntime:
     def manifest(self, rec: dict[str, Any]) -> dict[str, Any]:
         return seldon_deployment(self.name, self.namespace, self.target.model_name, self.model_uri(),
                                  [int(v) for v in rec["versions"]], rec["labels"], float(rec.get("canary_weight", 0.0)),
-                                 image=str(self.target._cfg("image") or ""), project=str(self.target.project.name))
+                                 image=str(self.target.setting("image") or ""), project=str(self.target.project.name))
 
     # ------------------------------------------------------------------ the object
     def read(self) -> dict[str, Any] | None:
@@ -70,7 +70,7 @@ class K8sRuntime:
                               GROUP, VERSION, self.namespace, PLURAL, self.name, body, **extra)
 
     def wait_available(self, generation: int) -> None:
-        deadline = time.monotonic() + float(self.target._cfg("start_timeout"))
+        deadline = time.monotonic() + float(self.target.setting("start_timeout"))
         state = "no status"
         while True:
             obj = self.read()
@@ -86,7 +86,7 @@ class K8sRuntime:
                                      hint=f"kubectl -n {self.namespace} describe sdep {self.name}")
             if time.monotonic() > deadline:
                 raise UnavailableError(f"SeldonDeployment {self.name} not Available within "
-                                       f"{self.target._cfg('start_timeout'):g}s (state: {state})",
+                                       f"{self.target.setting('start_timeout'):g}s (state: {state})",
                                        hint="is the Seldon Core operator installed? "
                                             f"kubectl -n {self.namespace} describe sdep {self.name}")
             time.sleep(0.5)
@@ -164,7 +164,7 @@ class K8sRuntime:
                             version=int(version), protocol="seldon")
         if "stable" not in rec["labels"]:
             raise MlflowctlError(f"no version of {self.target.model_name} is stable on Seldon")
-        ingress = str(self.target._cfg("ingress_url") or "").rstrip("/")
+        ingress = str(self.target.setting("ingress_url") or "").rstrip("/")
         if not ingress:
             raise ConfigError("serving.seldon.ingress_url is not set (the Istio/Ambassador address)")
         url = f"{ingress}/seldon/{self.namespace}/{self.name}"

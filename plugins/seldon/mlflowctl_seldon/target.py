@@ -101,17 +101,13 @@ class SeldonTarget(ServingTarget):
         self.state = TargetState(Path(project.state_dir) / "serve" / self.name)
         self._k8s: Any = None
 
-    def _cfg(self, key: str) -> Any:
-        value = self.config.get(key)
-        return self.settings[key].default if value in (None, "") else value
-
     @property
     def model_name(self) -> str:
         return str(self.project.model_name)
 
     @property
     def runtime_name(self) -> str:
-        runtime = str(self._cfg("runtime"))
+        runtime = str(self.setting("runtime"))
         if runtime == "auto":
             return "k8s" if self.project.config["backend"] == "k8s" else "local"
         return runtime
@@ -131,7 +127,7 @@ class SeldonTarget(ServingTarget):
         return rec
 
     def _url(self, proc: dict[str, Any]) -> str:
-        return f"http://{self._cfg('host')}:{int(proc['http'])}"
+        return f"http://{self.setting('host')}:{int(proc['http'])}"
 
     def _endpoint(self, rec: dict[str, Any], number: int) -> Endpoint:
         if self.runtime_name == "k8s":
@@ -147,13 +143,13 @@ class SeldonTarget(ServingTarget):
     def _spawn(self, number: int) -> dict[str, Any]:
         """Start the wrapper for ``number`` and wait until it answers ``/health/status``."""
         folder = Path(self.project.store.fetch(f"models/{self.model_name}/{number}")).resolve()
-        host = str(self._cfg("host"))
+        host = str(self.setting("host"))
         proc = {"http": free_port(host), "grpc": free_port(host), "metrics": free_port(host), "model_dir": str(folder)}
         log = self.state.dir / f"{number}.log"
         params = json.dumps([{"name": "model_dir", "value": str(folder), "type": "STRING"}])
-        cmd = [str(self._cfg("executable")), MODEL_CLASS, "--service-type", "MODEL",
+        cmd = [str(self.setting("executable")), MODEL_CLASS, "--service-type", "MODEL",
                "--http-port", str(proc["http"]), "--grpc-port", str(proc["grpc"]),
-               "--metrics-port", str(proc["metrics"]), "--workers", str(int(self._cfg("workers"))),
+               "--metrics-port", str(proc["metrics"]), "--workers", str(int(self.setting("workers"))),
                "--parameters", params]
         env = dict(os.environ, PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION="python", PYTHONUNBUFFERED="1",
                    TF_CPP_MIN_LOG_LEVEL="2")
@@ -170,7 +166,7 @@ class SeldonTarget(ServingTarget):
                                        "seldon-core-microservice (an absolute path)") from None
         proc["pid"] = popen.pid
         proc["log"] = str(log)
-        deadline = time.monotonic() + float(self._cfg("start_timeout"))
+        deadline = time.monotonic() + float(self.setting("start_timeout"))
         last = "no answer"
         while True:
             code = popen.poll()
@@ -189,7 +185,7 @@ class SeldonTarget(ServingTarget):
             if time.monotonic() > deadline:
                 self._terminate(proc)
                 raise UnavailableError(f"seldon-core-microservice for version {number} did not answer within "
-                                       f"{self._cfg('start_timeout'):g}s ({last})", hint=f"see {log}")
+                                       f"{self.setting('start_timeout'):g}s ({last})", hint=f"see {log}")
             time.sleep(0.3)
 
     def _terminate(self, proc: dict[str, Any]) -> None:
@@ -211,7 +207,7 @@ class SeldonTarget(ServingTarget):
         if self.runtime_name == "k8s":
             self._k8s_runtime().preflight()
             return
-        exe = str(self._cfg("executable"))
+        exe = str(self.setting("executable"))
         import shutil
 
         if not (os.path.isfile(exe) and os.access(exe, os.X_OK)) and not shutil.which(exe):

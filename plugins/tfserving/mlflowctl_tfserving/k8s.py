@@ -72,7 +72,7 @@ class K8sRuntime:
         container: dict[str, Any] = {
             "name": "tfserving", "image": image, "imagePullPolicy": self.backend.setting("image_pull_policy"),
             "args": [f"--port={GRPC}", f"--rest_api_port={REST}", "--model_config_file=/config/models.config",
-                     f"--model_config_file_poll_wait_seconds={int(self.target._cfg('poll_seconds'))}"],
+                     f"--model_config_file_poll_wait_seconds={int(self.target.setting('poll_seconds'))}"],
             "env": [{"name": "MODEL_NAME", "value": self.model}, {"name": "MODEL_BASE_PATH", "value": "/models"},
                     {"name": "HOME", "value": "/tmp"}],
             "ports": [{"name": "grpc", "containerPort": GRPC}, {"name": "http", "containerPort": REST}],
@@ -82,7 +82,7 @@ class K8sRuntime:
                 {"name": "store", "mountPath": f"/models/{self.model}", "subPath": models_sub, "readOnly": True},
                 {"name": "store", "mountPath": "/config", "subPath": config_sub, "readOnly": True}],
         }
-        if str(self.target._cfg("image")) == PROJECT_IMAGE:
+        if str(self.target.setting("image")) == PROJECT_IMAGE:
             container["command"] = ["python", f"/app/{ENTRY_SCRIPT}"]
         if self.backend.resources():
             container["resources"] = self.backend.resources()
@@ -99,9 +99,9 @@ class K8sRuntime:
         ]
 
     def image(self) -> str:
-        if str(self.target._cfg("image")) == PROJECT_IMAGE:
+        if str(self.target.setting("image")) == PROJECT_IMAGE:
             return self.backend.image(lambda line: print(f"[tfserving] {line}", flush=True))
-        return str(self.target._cfg("image"))
+        return str(self.target.setting("image"))
 
     # ------------------------------------------------------------------ the runtime
     def preflight(self) -> None:

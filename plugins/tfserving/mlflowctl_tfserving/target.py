@@ -98,17 +98,13 @@ class TFServingTarget(ServingTarget):
         self._k8s: Any = None
 
     # ------------------------------------------------------------------ settings, names, URLs
-    def _cfg(self, key: str) -> Any:
-        value = self.config.get(key)
-        return self.settings[key].default if value in (None, "") else value
-
     @property
     def model_name(self) -> str:
         return str(self.project.model_name)
 
     @property
     def runtime_name(self) -> str:
-        runtime = str(self._cfg("runtime"))
+        runtime = str(self.setting("runtime"))
         if runtime == "auto":
             return "k8s" if self.project.config["backend"] == "k8s" else "docker"
         return runtime
@@ -117,12 +113,12 @@ class TFServingTarget(ServingTarget):
     def url(self) -> str:
         if self.runtime_name == "k8s":
             return self._k8s_runtime().url()
-        return f"http://{self._cfg('host')}:{int(self._cfg('port'))}"
+        return f"http://{self.setting('host')}:{int(self.setting('port'))}"
 
     @property
     def grpc(self) -> str:
-        port = int(self._cfg("grpc_port"))
-        return f"{self._cfg('host')}:{port}" if port and self.runtime_name == "docker" else ""
+        port = int(self.setting("grpc_port"))
+        return f"{self.setting('host')}:{port}" if port and self.runtime_name == "docker" else ""
 
     @property
     def config_dir(self) -> Path:
@@ -130,7 +126,7 @@ class TFServingTarget(ServingTarget):
 
     def container_name(self) -> str:
         project = _slug(str(self.project.name))[:20].strip("-") or "project"
-        return f"mlflowctl-{project}-tfserving-{int(self._cfg('port'))}"
+        return f"mlflowctl-{project}-tfserving-{int(self.setting('port'))}"
 
     def _predict_url(self, version: int | None = None, label: str | None = None) -> str:
         sel = f"/versions/{int(version)}" if version is not None else f"/labels/{label}" if label else ""
@@ -186,7 +182,7 @@ class TFServingTarget(ServingTarget):
         import docker.errors
 
         client = self._client()
-        ref = str(self._cfg("image"))
+        ref = str(self.setting("image"))
         if ref != PROJECT_IMAGE:
             try:
                 return client.images.get(ref)
@@ -234,9 +230,9 @@ class TFServingTarget(ServingTarget):
 
         image = self._image()
         base = self._base_path()
-        host, port, grpc_port = str(self._cfg("host")), int(self._cfg("port")), int(self._cfg("grpc_port"))
+        host, port, grpc_port = str(self.setting("host")), int(self.setting("port")), int(self.setting("grpc_port"))
         wanted = {"image": image.id, "base": str(base), "host": host, "port": port, "grpc_port": grpc_port,
-                  "poll": int(self._cfg("poll_seconds"))}
+                  "poll": int(self.setting("poll_seconds"))}
         container = self._container()
         if container is not None:
             if container.status == "running" and container.labels.get("mlflowctl.tfserving") == json.dumps(
@@ -247,7 +243,7 @@ class TFServingTarget(ServingTarget):
         if grpc_port:
             ports["8500/tcp"] = (host, grpc_port)
         args = [f"--model_config_file={CONFIG_IN_CONTAINER}",
-                f"--model_config_file_poll_wait_seconds={int(self._cfg('poll_seconds'))}"]
+                f"--model_config_file_poll_wait_seconds={int(self.setting('poll_seconds'))}"]
         try:
             self._client().containers.run(
                 image.id, args, name=self.container_name(), detach=True, init=True,
@@ -285,7 +281,7 @@ class TFServingTarget(ServingTarget):
         return _get_json(f"{self.url}/{path}", timeout)
 
     def _wait(self, what: str, check: Any) -> None:
-        deadline = time.monotonic() + float(self._cfg("start_timeout"))
+        deadline = time.monotonic() + float(self.setting("start_timeout"))
         last = "no answer"
         while True:
             ok, last = check()
@@ -297,7 +293,7 @@ class TFServingTarget(ServingTarget):
                     raise UnavailableError(f"TF Serving stopped while waiting for {what}: {self._container_log()}",
                                            hint=f"docker logs {self.container_name()}")
             if time.monotonic() > deadline:
-                raise UnavailableError(f"TF Serving: {what} not ready within {self._cfg('start_timeout'):g}s ({last})",
+                raise UnavailableError(f"TF Serving: {what} not ready within {self.setting('start_timeout'):g}s ({last})",
                                        hint=self._log_hint())
             time.sleep(0.25)
 
@@ -349,7 +345,7 @@ class TFServingTarget(ServingTarget):
             self._k8s_runtime().preflight()
             return
         self._client()  # the daemon answers (else one line, exit 5)
-        if str(self._cfg("image")) == PROJECT_IMAGE and not (Path(self.project.stage_code_dir) / ENTRY_SCRIPT).is_file():
+        if str(self.setting("image")) == PROJECT_IMAGE and not (Path(self.project.stage_code_dir) / ENTRY_SCRIPT).is_file():
             raise ConfigError(f"serving.tfserving.image=project needs {Path(self.project.stage_code_dir) / ENTRY_SCRIPT}",
                               hint="copy it from mlflowctl's image/ folder, or set serving.tfserving.image")
 

@@ -59,7 +59,9 @@ def mlflowctl_add_serving_targets(registry: Registry) -> None:
     Called once per run, when the plugin manager is built. Call
     ``registry.add_serving_target(cls)`` for each target class (a subclass
     of :class:`mlflowctl.serving.ServingTarget`; its ``name`` is what
-    ``serving.target`` selects).
+    ``serving.target`` selects). The contract -- every method, when it is
+    called, what it returns, how drift and errors work -- is documented in
+    :mod:`mlflowctl.serving`; ``mlflowctl.testing.serving_contract`` checks it.
 
     :param registry: the run's registry of backends, stores and targets.
     :returns: nothing; all implementations are called.

@@ -17,7 +17,7 @@ from typing import Any
 import pluggy
 
 from mlflowctl import hookspecs
-from mlflowctl.errors import ConfigError, PluginError
+from mlflowctl.errors import ConfigError, MlflowctlError, PluginError
 
 ENTRY_POINT_GROUP = "mlflowctl"
 DISABLE_ENV = "MLFLOWCTL_DISABLE_PLUGINS"
@@ -114,6 +114,24 @@ class PluginManager(pluggy.PluginManager):
         self.infos: list[PluginInfo] = []
 
 
+def _guarded_hook(plugin: str, hook: str, function: Any) -> Any:
+    """``function`` whose unexpected exceptions (not ``MlflowctlError``) become one line naming the plugin."""
+    import functools
+
+    @functools.wraps(function)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except MlflowctlError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a plugin's bug: one line, exit 4, no traceback
+            text = " ".join(str(exc).split())[:300]
+            raise PluginError(f'plugin "{plugin}" failed in {hook}: {type(exc).__name__}' + (f": {text}" if text else ""),
+                              hint=f"a bug in that plugin; fix or uninstall it, or set {DISABLE_ENV}={plugin}") from exc
+
+    return guarded
+
+
 def register(pm: PluginManager, module_name: str, name: str, source: str, loader: Any = None) -> None:
     """Import one plugin module and register it: the single path for every plugin.
 
@@ -131,6 +149,10 @@ def register(pm: PluginManager, module_name: str, name: str, source: str, loader
         pm.register(plugin, name=name)
     except (pluggy.PluginValidationError, ValueError) as exc:
         raise PluginError(f'plugin "{name}" ({source}) does not fit the hook contract: {exc}') from exc
+    for caller in pm.get_hookcallers(plugin) or ():
+        for impl in caller.get_hookimpls():
+            if impl.plugin is plugin and not (impl.hookwrapper or getattr(impl, "wrapper", False)):
+                impl.function = _guarded_hook(name, caller.name, impl.function)
     hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or ())
     pm.infos.append(PluginInfo(name=name, source=source, module=getattr(plugin, "__name__", module_name), hooks=hooks))
 
@@ -184,12 +206,7 @@ def _fill_registry(pm: PluginManager) -> None:
         for impl in hook.get_hookimpls():
             registry._current_plugin = impl.plugin_name
             before = set(table)
-            try:
-                impl.function(**{name: registry for name in impl.argnames})
-            except PluginError:
-                raise
-            except Exception as exc:
-                raise PluginError(f'plugin "{impl.plugin_name}" failed in {hook_name}: {type(exc).__name__}: {exc}') from exc
+            impl.function(**{name: registry for name in impl.argnames})  # guarded: a bug is one PluginError line
             info = by_name.get(impl.plugin_name)
             if info is not None:
                 info.provides.extend(f"{kind} {key}" for key in sorted(set(table) - before))

@@ -323,3 +323,31 @@ def test_plugins_and_config_show_descriptions_and_settings_help(plugin_path, pro
     assert "serving.local.runtime (str, default auto, one of auto|process|docker|k8s): where the server runs" \
         in proc.stdout
     assert "backend local:" in proc.stdout and "store file:" in proc.stdout
+
+
+# ------------------------------------------------------------------------------ any plugin's hooks
+def test_a_plain_exception_from_any_plugins_hook_is_one_line_naming_it(project_dir):
+    from mlflowctl import hookimpl as impl
+
+    class Noisy:
+        __name__ = "noisy"
+
+        @impl
+        def mlflowctl_promotion_veto(self, version, report):
+            raise ZeroDivisionError("division by zero")
+
+    class Veto:
+        __name__ = "veto"
+
+        @impl
+        def mlflowctl_promotion_veto(self, version, report):
+            raise MlflowctlError("vetoed on purpose")  # the contract's way: passes through unchanged
+
+    project = Project(project_dir, extra_plugins=(Noisy(),))
+    with pytest.raises(PluginError, match=r'plugin "noisy" failed in mlflowctl_promotion_veto: ZeroDivisionError: '
+                                          r'division by zero'):
+        project.pm.hook.mlflowctl_promotion_veto(version=None, report={})
+    project = Project(project_dir, extra_plugins=(Veto(),))
+    with pytest.raises(MlflowctlError, match="vetoed on purpose") as caught:
+        project.pm.hook.mlflowctl_promotion_veto(version=None, report={})
+    assert not isinstance(caught.value, PluginError)

@@ -58,6 +58,15 @@ def test_contract_second_version_beside_the_first(serving_kit):
     assert kit.target.serves(1) and kit.target.serves(2)
 
 
+def test_contract_deploy_without_a_label(serving_kit):
+    kit = serving_kit
+    _baseline(kit)
+    ep = kit.target.deploy(kit.versions[2], label=None)
+    assert ep.version == 2 and kit.predict(kit.target.endpoint(version=2)) == kit.answers[2]
+    assert 2 not in kit.target.status().labels.values()  # served, but no label points at it
+    assert kit.predict(kit.target.endpoint()) == kit.answers[1]
+
+
 def test_contract_canary_weight_routes_unlabelled_traffic(serving_kit):
     kit = serving_kit
     if not kit.supports_weights:

@@ -24,8 +24,12 @@ PYTHON      ?= python3
 VENV        := .venv
 VBIN        := $(VENV)/bin
 PIP         := $(VBIN)/python -m pip
+# The serving targets shipped as distributions of their own (each registers through the mlflowctl
+# entry-point group, like a third-party plugin): installed editable into the venv.
+TARGET_PLUGINS := plugins/tfserving plugins/seldon plugins/hydrosphere
 # Re-install when any of these change (only those that exist).
-INSTALL_DEPS := $(wildcard setup.py setup.cfg pyproject.toml image/requirements.txt image/requirements-nodeps.txt)
+INSTALL_DEPS := $(wildcard setup.py setup.cfg pyproject.toml image/requirements.txt image/requirements-nodeps.txt) \
+                $(wildcard $(addsuffix /pyproject.toml,$(TARGET_PLUGINS)))
 STAMP       := $(VENV)/.mlflowctl-install.stamp
 
 FMNIST_DIR  ?= /usr/share/datasets/fashion-mnist
@@ -66,6 +70,7 @@ $(STAMP): $(INSTALL_DEPS) | $(VBIN)/python
 	$(PIP) install -q -e '.[test]' -r image/requirements.txt
 	@# tensorflow-serving-api would pull the full tensorflow next to tensorflow-cpu: its needs are in requirements.txt
 	$(PIP) install -q --no-deps -r image/requirements-nodeps.txt
+	$(PIP) install -q $(foreach p,$(TARGET_PLUGINS),-e $(p))
 	@touch $@
 	@echo "venv: ready"
 
@@ -124,6 +129,43 @@ cluster-down:
 seaweedfs:
 	@if [ -n "$(NO_SEAWEEDFS)" ]; then echo "seaweedfs: skipped (NO_SEAWEEDFS set)"; exit 0; fi; \
 	scripts/build-seaweedfs.sh
+
+# ---------------------------------------------------------------- seldon
+# The REAL Seldon Core v1 Python wrapper (seldon-core-microservice, BSL: optional) for the seldon serving
+# target, in an environment of its own: its pins (protobuf<4, numpy<2, ...) clash with TensorFlow 2.21,
+# so the model class loads SavedModels with tensorflow-cpu 2.15 there. `make test` depends on it.
+SELDON_VENV := .venv-seldon
+SELDON_PKGS := seldon-core==1.18.2 tensorflow-cpu==2.15.1 'setuptools<81'
+.PHONY: seldon
+test: seldon
+seldon: $(SELDON_VENV)/.mlflowctl-seldon.stamp
+$(SELDON_VENV)/.mlflowctl-seldon.stamp:
+	@echo "seldon: installing $(SELDON_PKGS) into $(SELDON_VENV) (slow the first time)"
+	$(PYTHON) -m venv $(SELDON_VENV)
+	$(SELDON_VENV)/bin/python -m pip install -q --upgrade pip wheel 'setuptools<81'
+	PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python $(SELDON_VENV)/bin/python -m pip install -q $(SELDON_PKGS)
+	@touch $@
+	@echo "seldon: $(SELDON_VENV)/bin/seldon-core-microservice ready"
+
+# The SeldonDeployment CRD for the test cluster (the operator itself cannot be built or run here): from
+# Seldon Core's operator Go module (v1.14.0 is the newest the Go module proxy serves; not in the checksum
+# database, hence GONOSUMDB), with its kustomize patch of the graph's schema (graph_children.yaml).
+# tests/test_seldon_k8s.py installs it into the cluster.
+SELDON_OPERATOR := github.com/seldonio/seldon-core/operator@v1.14.0
+SELDON_CRD := .cache/seldon/machinelearning.seldon.io_seldondeployments.yaml
+SELDON_CRD_PATCH := .cache/seldon/graph_children.yaml
+.PHONY: seldon-crd
+test: seldon-crd
+seldon-crd: $(SELDON_CRD)
+$(SELDON_CRD):
+	@if ! command -v go >/dev/null 2>&1; then echo "seldon-crd: no Go toolchain; the Seldon k8s tests will be skipped"; exit 0; fi; \
+	mkdir -p $(dir $(SELDON_CRD)); \
+	dir=$$(GONOSUMDB=github.com/seldonio/seldon-core GOFLAGS=-mod=mod GOMODCACHE=$${GOMODCACHE:-/var/cache/mlflowctl/go/mod} \
+	       go mod download -json $(SELDON_OPERATOR) | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$$/\1/p'); \
+	test -n "$$dir" || { echo "seldon-crd: go mod download $(SELDON_OPERATOR) failed" >&2; exit 1; }; \
+	cp "$$dir/config/crd_v1_small/bases/machinelearning.seldon.io_seldondeployments.yaml" $(SELDON_CRD).tmp; chmod 644 $(SELDON_CRD).tmp; \
+	cp "$$dir/config/crd_v1_small/patches/graph_children.yaml" $(SELDON_CRD_PATCH); chmod 644 $(SELDON_CRD_PATCH); \
+	mv $(SELDON_CRD).tmp $(SELDON_CRD); echo "seldon-crd: $(SELDON_CRD) from $(SELDON_OPERATOR)"
 
 # ---------------------------------------------------------------- main targets
 demo: venv data

@@ -182,6 +182,11 @@ class Configurable:
         """Check the plugin can work at all (daemon reachable, folder writable); raise an
         ``MlflowctlError`` saying what to do."""
 
+    def setting(self, key: str) -> Any:
+        """The value of one of ``settings``: as configured, or its declared default when unset or empty."""
+        value = self.config.get(key) if isinstance(self.config, dict) else None
+        return self.settings[key].default if value in (None, "") else value
+
 
 # Plugin sections: the name of the key in the section that selects the plugin, and the registry table.
 PLUGIN_SECTIONS = {"backends": "backends", "stores": "stores", "serving": "serving_targets"}

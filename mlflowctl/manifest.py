@@ -28,3 +28,29 @@ def file_manifest(root: Path, extra: dict[str, Any] | None = None) -> dict[str, 
 def manifest_files(root: Path) -> list[Path]:
     """The files a manifest lists: every file under ``root`` except ``_manifest.json`` files, sorted."""
     return [p for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST]
+
+
+# -- file modes: what the store creates follows the umask, like any file a program writes -------------
+def umask() -> int:
+    """The process's umask, read without changing it where ``/proc`` allows (threads may be running)."""
+    import os
+
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def created_mode(mode: int = 0o666) -> int:
+    """``mode`` as the umask leaves it: what ``open()``/``mkdir()`` would give (``0o777`` for a folder).
+
+    ``tempfile.mkstemp``/``mkdtemp`` make 0600/0700 whatever the umask; a store chmods what it
+    publishes to this, so a registry file and a model file have the same, umask-respecting, mode.
+    """
+    return mode & ~umask()

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from mlflowctl.backends import LogWriter, StageResult, StageRun, StoreLocation
 from mlflowctl.config import SCHEMA, full_schema, public, stage_env
-from mlflowctl.errors import ConfigError, MlflowctlError, StageFailed
+from mlflowctl.errors import Cancelled, ConfigError, MlflowctlError, StageFailed
 from mlflowctl.stores import MANIFEST
 
 RESULTS = "results"
@@ -294,6 +294,9 @@ class Pipeline:
                         f"stage {stage.name} failed with exit code {result.exit_code}"
                         + (f": {tail}" if tail else ""),
                         hint=f"full log: {log_path}; re-run with: doit {stage.name}")
+                if run.cancelled.is_set():  # Ctrl-C/SIGTERM while an in-process action ran: publish nothing
+                    raise Cancelled(f"stage {stage.name} cancelled")
+                hook.mlflowctl_before_publish(stage=stage.name, run=run, path=info.path)
             except BaseException as exc:
                 self._record_run_state(stage.name, state="failed", **begun, finished_at=time.time(),
                                        duration=round(time.monotonic() - started, 3),

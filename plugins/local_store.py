@@ -11,7 +11,8 @@ from typing import IO, Any
 
 from mlflowctl import hookimpl
 from mlflowctl.errors import ConfigError, UnavailableError
-from mlflowctl.stores import MANIFEST, ReplacingWriter, Store, file_manifest, staging_dir, sweep_staging
+from mlflowctl.stores import (MANIFEST, ReplacingWriter, Store, created_mode, file_manifest, staging_dir,
+                              sweep_staging)
 
 STAGING = ".staging"
 
@@ -22,6 +23,7 @@ class _AtomicWriter(ReplacingWriter):
     def __init__(self, target: Path, mode: str) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, self._tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        os.fchmod(fd, created_mode())  # mkstemp's 0600 would hide registry files from a shared store's readers
         super().__init__(os.fdopen(fd, mode))
         self._target = target
 

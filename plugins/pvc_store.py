@@ -33,7 +33,7 @@ from typing import IO, Any, Iterator
 from mlflowctl import hookimpl
 from mlflowctl.config import Setting
 from mlflowctl.errors import ConfigError, MlflowctlError, UnavailableError
-from mlflowctl.stores import MANIFEST, Store, loads_json
+from mlflowctl.stores import MANIFEST, Store, created_mode, loads_json
 from mlflowctl_plugins.kube import Kube, check_dns_label, check_quantity, dns_name
 
 SERVER_PORT = 8080
@@ -361,6 +361,7 @@ class PvcStore(Store):
             return target
         self._cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=self._cache_dir))
+        tmp.chmod(created_mode(0o777))
         try:
             self.get(path, tmp)
             os.rename(tmp, target)

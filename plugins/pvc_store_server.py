@@ -40,7 +40,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from manifest import MANIFEST, file_manifest  # noqa: E402  (shipped beside this file)
+from manifest import MANIFEST, created_mode, file_manifest  # noqa: E402  (shipped beside this file)
 
 STAGING = ".staging"
 MAX_SMALL_FILE = 64 << 20
@@ -100,7 +100,7 @@ class Store:
                     left -= len(chunk)
                 out.flush()
                 os.fsync(out.fileno())
-            os.chmod(tmp, 0o644)
+            os.chmod(tmp, created_mode())
             os.replace(tmp, target)
         except BaseException:
             try:
@@ -126,7 +126,7 @@ class Store:
                 src = tf.extractfile(member)
                 with open(target, "wb") as out:
                     shutil.copyfileobj(src, out, 1 << 20)
-                os.chmod(target, 0o755 if member.mode & 0o111 else 0o644)
+                os.chmod(target, created_mode(0o777 if member.mode & 0o111 else 0o666))
 
     def publish(self, src: Path, dst: Path, extra: dict) -> dict:
         if not src.is_dir():

@@ -16,13 +16,46 @@ def file_manifest(root: Path, extra: dict[str, Any] | None = None) -> dict[str, 
     """Sizes and sha256 of every file under ``root`` (the ``_manifest.json`` content)."""
     files = {}
     for p in manifest_files(Path(root)):
-        h = hashlib.sha256()
-        with open(p, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        files[p.relative_to(root).as_posix()] = {"bytes": p.stat().st_size, "sha256": h.hexdigest()}
+        files[p.relative_to(root).as_posix()] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
     digest = hashlib.sha256(repr(sorted((k, v["sha256"]) for k, v in files.items())).encode()).hexdigest()
     return {**(extra or {}), "files": files, "digest": digest}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def folder_problem(folder: Path, deep: bool = False, digest: Any = sha256_file) -> str | None:
+    """What is wrong with a published folder against its ``_manifest.json``, or None.
+
+    Every listed file must be there with its size; with ``deep`` also with its sha256 (``digest(path)``,
+    e.g. a memoising one). Used by every store that can look at the files: the ``file://`` store here,
+    the ``pvc://`` store's server on the volume and on what it downloads.
+    """
+    import json
+
+    folder = Path(folder)
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+        entries = [(rel, int(info["bytes"]), info["sha256"]) for rel, info in files.items()]
+    except FileNotFoundError:
+        return f"{MANIFEST} is missing"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"{MANIFEST} is unreadable"
+    for rel, size, sha in entries:
+        target = folder / rel
+        try:
+            if target.stat().st_size != size:
+                return f"{rel} has {target.stat().st_size} bytes, not {size}"
+            if deep and digest(target) != sha:
+                return f"{rel} does not match its sha256"
+        except OSError:
+            return f"{rel} is missing"
+    return None
 
 
 def manifest_files(root: Path) -> list[Path]:

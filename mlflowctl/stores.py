@@ -15,7 +15,8 @@ from typing import IO, Any, ClassVar, Iterator
 
 from mlflowctl.config import Configurable
 from mlflowctl.errors import MlflowctlError
-from mlflowctl.manifest import MANIFEST, created_mode, file_manifest, manifest_files  # noqa: F401 - store contract
+from mlflowctl.manifest import (MANIFEST, created_mode, file_manifest, folder_problem,  # noqa: F401 - store contract
+                                manifest_files)
 
 
 class Store(Configurable):

@@ -281,22 +281,23 @@ def test_two_concurrent_runs_register_one_version(trained):
     assert ran(again) == []
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "delete_file", "garbage_manifest", "truncate_manifest",
+def current_result(project: Project, stage: str) -> Path:
+    """The stage's most recently published result (what the last, complete run used)."""
+    results = [r for r in (project.store / "results" / stage).iterdir() if (r / "_manifest.json").is_file()]
+    return max(results, key=lambda r: json.loads((r / "_manifest.json").read_text())["finished_at"])
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete_file", "garbage_manifest", "truncate_manifest",
                                     "delete_manifest"])
 def test_a_damaged_result_is_recomputed_and_stable_keeps_answering(trained, damage):
-    """Damage the current train_concept result (a file or its manifest): the next doit recomputes it."""
+    """Damage the current monitor result (a file, or its manifest): the next doit finds it (sizes) and
+    recomputes it; nothing else changes."""
     _, log = trained.doit()
     assert ran(log) == []
-    results = trained.store / "results" / "train_concept"
-    newest = max(results.iterdir(), key=lambda p: (p / "_manifest.json").stat().st_mtime)
-    victim = newest / "threshold.json"
-    manifest = newest / "_manifest.json"
+    result = current_result(trained, "monitor")
+    victim, manifest = result / "drift.json", result / "_manifest.json"
     if damage == "truncate":
         victim.write_bytes(victim.read_bytes()[:3])
-    elif damage == "flip":
-        data = bytearray(victim.read_bytes())
-        data[0] ^= 0x01
-        victim.write_bytes(bytes(data))
     elif damage == "delete_file":
         victim.unlink()
     elif damage == "garbage_manifest":
@@ -305,20 +306,33 @@ def test_a_damaged_result_is_recomputed_and_stable_keeps_answering(trained, dama
         manifest.write_text(manifest.read_text()[:40])
     else:
         manifest.unlink()
-    stable = trained.labels()["stable"]
-    versions = trained.versions()
+    stable, versions = trained.labels()["stable"], trained.versions()
     code, log = trained.doit(check=False)
-    assert "Traceback" not in log, log[-3000:]
-    if damage == "flip":
-        # same sizes: the cheap check passes; the run that uses it (register, deep check) finds it and fails
-        # with one line, the next run recomputes it
-        assert "does not match its sha256" in log or ran(log) == [], log[-3000:]
-        if code != 0:
-            code, log = trained.doit(check=False)
-    assert code == 0, log[-3000:]
-    assert "train_concept" in ran(log) or damage == "flip", log[-3000:]
-    # the same training gives the same files: the re-registration adopts nothing new, the stable stays
+    assert code == 0 and "Traceback" not in log, log[-3000:]
+    assert ran(log) == ["monitor"], log[-3000:]
+    assert f"stage monitor: result {result.name} is damaged" in log, log[-3000:]
     trained.check_invariants(f"after a {damage} result", after_rerun=True)
+    assert trained.labels()["stable"] == stable and trained.versions() == versions
+
+
+def test_flipped_bytes_in_an_input_are_found_by_the_run_that_uses_it(trained):
+    """Same size, other bytes: the cheap check cannot see it; the stage that reads the result as an input
+    checks every sha256, the run fails with one line, the damaged result is removed and recomputed."""
+    result = current_result(trained, "promote")
+    victim = result / "promotion.json"
+    data = bytearray(victim.read_bytes())
+    data[1] ^= 0x01
+    victim.write_bytes(bytes(data))
+    stable, versions = trained.labels()["stable"], trained.versions()
+    code, log = trained.doit("monitor.max_drift_rate=0.99", check=False)  # monitor runs, reading promote's result
+    assert "Traceback" not in log, log[-3000:]
+    assert f"stage promote: result {result.name} is damaged (promotion.json does not match its sha256)" in log, \
+        log[-3000:]
+    if code != 0:  # the run that found it fails; the next one recomputes it
+        code, log = trained.doit("monitor.max_drift_rate=0.99", check=False)
+    assert code == 0, log[-3000:]
+    assert ran(log)[-2:] == ["promote", "monitor"], log[-3000:]
+    trained.check_invariants("after flipped bytes", after_rerun=True)
     assert trained.labels()["stable"] == stable and trained.versions() == versions
 
 
@@ -346,3 +360,114 @@ def test_setup_scripts_use_no_fixed_tmp_names():
             if re.search(r"(?<![\w$\"])/tmp/[\w.-]", code):
                 offenders.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+# -- the pvc:// store: sizes and sha256 of what it reads and writes (on the test cluster) -----------
+@pytest.fixture
+def pvc(kube_cluster, tmp_path):
+    """A ``pvc://`` store with a path of its own, and that path's folder on the claim's hostPath volume."""
+    import secrets
+
+    import contract_fixtures
+    import kube_fixtures
+
+    root = tmp_path / f"pvc-{secrets.token_hex(4)}"
+    root.mkdir()
+    store = contract_fixtures.pvc_store(root)
+    volume = kube_fixtures.VOLUMES / f"{contract_fixtures._session_claim()}-store" / root.name
+    return store, volume
+
+
+def publish_sample(store, path: str) -> None:
+    with store.staging("sample") as src:
+        (src / "weights.bin").write_bytes(bytes(range(256)) * 8)
+        (src / "sub").mkdir()
+        (src / "sub" / "threshold.json").write_text('{"threshold": 0.25}\n')
+        assert store.publish(src, path, manifest={"stage": "sample"})
+
+
+def test_pvc_store_checks_sizes_and_sha256_of_what_it_reads(pvc):
+    from mlflowctl.errors import UnavailableError
+
+    store, volume = pvc
+    publish_sample(store, "results/sample/k1")
+    publish_sample(store, "results/sample/k2")
+    assert store.damaged("results/sample/k1") is None and store.damaged("results/sample/k1", deep=True) is None
+    # flipped bytes (same size) on the volume: the cheap check passes, the deep one and every download catch it
+    weights = volume / "results" / "sample" / "k1" / "weights.bin"
+    data = bytearray(weights.read_bytes())
+    data[100] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert store.damaged("results/sample/k1") is None
+    assert store.damaged("results/sample/k1", deep=True) == "weights.bin does not match its sha256"
+    with pytest.raises(UnavailableError, match=r"results/sample/k1 does not match its manifest \(weights.bin does "
+                                               r"not match its sha256\)"):
+        store.fetch("results/sample/k1")
+    assert not [p for p in store._cache_dir.iterdir() if p.is_dir()]  # nothing damaged was cached
+    # a truncated file: the cheap check (sizes) finds it
+    threshold = volume / "results" / "sample" / "k2" / "sub" / "threshold.json"
+    threshold.write_text('{"thr')
+    assert store.damaged("results/sample/k2") == "sub/threshold.json has 5 bytes, not 20"
+    (volume / "results" / "sample" / "k2" / "_manifest.json").write_text("{")
+    assert store.damaged("results/sample/k2") == "_manifest.json is unreadable"
+    # an intact one downloads and verifies
+    publish_sample(store, "results/sample/k3")
+    assert (store.fetch("results/sample/k3") / "sub" / "threshold.json").read_text() == '{"threshold": 0.25}\n'
+
+
+def test_pvc_store_refuses_writes_that_do_not_arrive_intact(pvc):
+    import hashlib
+
+    from mlflowctl.errors import MlflowctlError
+
+    store, volume = pvc
+    store.write_json("models/m/labels.json", {"stable": 1})
+    body = b'{"stable": 2}\n'
+    with pytest.raises(MlflowctlError, match="HTTP 400: body does not match its sha256"):
+        store._request("PUT", "v1/file", params={"path": store._check("models/m/labels.json")}, data=body,
+                       headers={"X-Content-SHA256": hashlib.sha256(b"something else").hexdigest()})
+    assert store.read_json("models/m/labels.json") == {"stable": 1}
+    # a folder whose files are not the ones the client sent is not published
+    staging = store._new_staging("upload")
+    store._request("PUT", "v1/file", params={"path": store._check(f"{staging}/weights.bin")}, data=b"abc")
+    expect = {"weights.bin": {"bytes": 4, "sha256": hashlib.sha256(b"abcd").hexdigest()}}
+    with pytest.raises(MlflowctlError, match="HTTP 400: upload damaged: weights.bin differs from what was sent"):
+        store.publish_staged(staging, "results/sample/k9", {"_expect": expect})
+    assert not store.exists("results/sample/k9")
+    store.delete(staging)
+    # the same check passes for an honest upload (publish() sends what it tarred)
+    publish_sample(store, "results/sample/k10")
+    assert store.damaged("results/sample/k10", deep=True) is None
+
+
+# -- file modes: registry JSON like every other artifact, as the umask says --------------------------------
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
+def test_store_files_follow_the_umask_registry_json_like_the_rest(tmp_path, mask):
+    import stat
+
+    from contract_fixtures import local_store
+    from mlflowctl.model_registry import ModelRegistry
+
+    old = os.umask(mask)
+    try:
+        store = local_store(tmp_path)
+        registry = ModelRegistry(store, "m")
+        with store.staging("version") as src:
+            (src / "saved_model.pb").write_bytes(b"weights")
+            (src / "concept").mkdir()
+            (src / "concept" / "threshold.json").write_text("{}")
+            registry.register(src, {"metrics": {}})
+        registry.set_label("stable", 1)
+        registry.set_verdict(1, "promoted", "test")
+        with store.staging("result") as src:
+            (src / "report.json").write_text("{}")
+            assert store.publish(src, "results/integration_test/k1")
+    finally:
+        os.umask(old)
+    files, folders = {}, {}
+    for p in [*(store.root / "models").rglob("*"), *(store.root / "results").rglob("*")]:
+        (files if p.is_file() else folders)[str(p.relative_to(store.root))] = stat.S_IMODE(p.stat().st_mode)
+    assert {"models/m/labels.json", "models/m/status/1.json", "models/m/1/metadata.json",
+            "models/m/1/_manifest.json", "models/m/1/saved_model.pb"} <= set(files)
+    assert {name: oct(mode) for name, mode in files.items() if mode != 0o666 & ~mask} == {}
+    assert {name: oct(mode) for name, mode in folders.items() if mode != 0o777 & ~mask} == {}

@@ -493,3 +493,66 @@ def test_store_files_follow_the_umask_registry_json_like_the_rest(tmp_path, mask
             "models/m/1/_manifest.json", "models/m/1/saved_model.pb"} <= set(files)
     assert {name: oct(mode) for name, mode in files.items() if mode != 0o666 & ~mask} == {}
     assert {name: oct(mode) for name, mode in folders.items() if mode != 0o777 & ~mask} == {}
+
+
+# -- the publish boundary, in process (fast) -------------------------------------------------------------
+def test_before_publish_sees_a_complete_output_and_a_veto_publishes_nothing(tmp_path):
+    import mlflowctl
+    from mlflowctl.errors import MlflowctlError
+    from mlflowctl.pipeline import Pipeline, Stage
+    from mlflowctl.project import Project as MlProject
+
+    (tmp_path / "image").mkdir()
+    (tmp_path / "image" / "make.py").write_text(
+        "import os, pathlib; pathlib.Path(os.environ['OUT'], 'value.txt').write_text('v')\n")
+    (tmp_path / "mlflowctl.yaml").write_text("model_name: m\n")
+    seen: list = []
+
+    class Veto:
+        __name__ = "veto"
+
+        @mlflowctl.hookimpl
+        def mlflowctl_before_publish(self, stage, run, path):
+            seen.append((stage, path, sorted(p.name for p in run.outputs["OUT"].iterdir())))
+            raise MlflowctlError("vetoed by the test")
+
+        @mlflowctl.hookimpl
+        def mlflowctl_on_stage_error(self, stage, run, error):
+            seen.append(("error", str(error)))
+
+    p = Pipeline(MlProject(tmp_path, {}, extra_plugins=(Veto(),)),
+                 [Stage("produce", command=("python", "make.py"), code=("make.py",), output="OUT")])
+    with pytest.raises(MlflowctlError, match="vetoed by the test"):
+        p.run("produce")
+    path = p.resolve(p.stages["produce"]).path
+    assert seen == [("produce", path, ["value.txt"]), ("error", "vetoed by the test")]
+    assert not p.project.store.exists(path)
+    assert json.loads(p.run_state_path("produce").read_text())["state"] == "failed"
+    assert not list((tmp_path / ".mlflowctl" / "store" / ".staging").iterdir())
+
+
+def test_an_action_cancelled_while_it_runs_publishes_nothing(tmp_path):
+    import mlflowctl
+    from mlflowctl.errors import Cancelled
+    from mlflowctl.pipeline import Pipeline, Stage
+    from mlflowctl.project import Project as MlProject
+
+    (tmp_path / "mlflowctl.yaml").write_text("model_name: m\n")
+    (tmp_path / "image").mkdir()
+    runs: list = []
+
+    def action(project, ctx):
+        (ctx.output / "value.txt").write_text("v")
+        runs[0].cancelled.set()  # what the first Ctrl-C/SIGTERM does while an in-process action runs
+
+    class Capture:
+        __name__ = "capture"
+
+        @mlflowctl.hookimpl
+        def mlflowctl_before_stage(self, stage, run):
+            runs.append(run)
+
+    p = Pipeline(MlProject(tmp_path, {}, extra_plugins=(Capture(),)), [Stage("act", action=action)])
+    with pytest.raises(Cancelled, match="stage act cancelled"):
+        p.run("act")
+    assert not p.project.store.exists(p.resolve(p.stages["act"]).path)

@@ -556,3 +556,40 @@ def test_an_action_cancelled_while_it_runs_publishes_nothing(tmp_path):
     with pytest.raises(Cancelled, match="stage act cancelled"):
         p.run("act")
     assert not p.project.store.exists(p.resolve(p.stages["act"]).path)
+
+
+def test_sigterm_to_a_doit_waiting_for_the_run_lock_is_one_line(tmp_path):
+    """Interrupted outside any stage (doit's up-to-date check, waiting for the lock): one line, no traceback."""
+    from test_doit_cli import slow_stage_code
+
+    root = make_project(tmp_path / "proj", stage_code=slow_stage_code(tmp_path))
+    env = {**doit_env(), "PID_FILE": str(tmp_path / "first.pid")}
+    first = subprocess.Popen([DOIT, "data"], cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "first.pid").exists():
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        second = subprocess.Popen([DOIT, "data"], cwd=root, env={**env, "PID_FILE": str(tmp_path / "second.pid")},
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while not (root / ".mlflowctl" / "run.lock").exists() or second.poll() is not None:
+                assert second.poll() is None and time.monotonic() < deadline
+                time.sleep(0.1)
+            time.sleep(2.0)  # waiting for the lock by now (it polls every 0.2 s)
+            second.send_signal(signal.SIGTERM)
+            output = second.communicate(timeout=60)[0]
+        finally:
+            if second.poll() is None:
+                second.kill()
+                second.wait()
+    finally:
+        first.kill()
+        first.wait()
+    assert "Traceback" not in output, output
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert lines[0].startswith("mlflowctl: waiting for another doit run"), output
+    assert lines[-1] == ("mlflowctl: SIGTERM: stopped (results are published whole or not at all; a re-run "
+                         "continues from there)"), output
+    assert second.returncode != 0 and not (tmp_path / "second.pid").exists()

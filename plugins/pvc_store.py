@@ -33,8 +33,8 @@ from typing import IO, Any, Iterator
 from mlflowctl import hookimpl
 from mlflowctl.config import Setting
 from mlflowctl.errors import ConfigError, MlflowctlError, UnavailableError
-from mlflowctl.stores import MANIFEST, Store, created_mode, file_manifest, folder_problem, loads_json
 from mlflowctl.manifest import sha256_file
+from mlflowctl.stores import MANIFEST, Store, created_mode, file_manifest, folder_problem, loads_json
 from mlflowctl_plugins.kube import Kube, check_dns_label, check_quantity, dns_name
 
 SERVER_PORT = 8080
@@ -424,7 +424,7 @@ class PvcStore(Store):
         problem = r.json().get("problem") if r.status_code == 200 else "it is missing"
         if problem is None:
             self._remember(verified, True)
-        elif problem is not None:
+        else:
             self._forget(path)
         return problem
 

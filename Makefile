@@ -86,16 +86,16 @@ data:
 	  if [ "$$(id -u)" -eq 0 ]; then sudo=""; \
 	  elif command -v sudo >/dev/null 2>&1; then sudo="sudo -n"; \
 	  else echo "data: NOTE: not root and no sudo, cannot apt-get install $(FMNIST_PKG); the data stage will download Fashion-MNIST instead"; exit 0; fi; \
-	  apt="$$sudo apt-get -y -q -o DPkg::Lock::Timeout=300"; \
+	  apt="$$sudo apt-get -y -q -o DPkg::Lock::Timeout=300"; log="$$(mktemp -t mlflowctl-apt-data.XXXXXX)"; \
 	  echo "data: installing $(FMNIST_PKG) with apt-get"; \
-	  if ! $$apt install --no-install-recommends $(FMNIST_PKG) >/tmp/mlflowctl-apt-data.log 2>&1; then \
+	  if ! $$apt install --no-install-recommends $(FMNIST_PKG) >$$log 2>&1; then \
 	    echo "data: apt-get install failed; running apt-get update and retrying"; \
-	    $$apt update >>/tmp/mlflowctl-apt-data.log 2>&1 || true; \
-	    $$apt install --no-install-recommends $(FMNIST_PKG) >>/tmp/mlflowctl-apt-data.log 2>&1 || true; \
+	    $$apt update >>$$log 2>&1 || true; \
+	    $$apt install --no-install-recommends $(FMNIST_PKG) >>$$log 2>&1 || true; \
 	  fi; \
 	  if [ -f "$(FMNIST_FILE)" ]; then echo "data: Fashion-MNIST installed in $(FMNIST_DIR)"; \
-	  else tail -n 5 /tmp/mlflowctl-apt-data.log >&2 || true; \
-	    echo "data: WARNING: could not install $(FMNIST_PKG) (log /tmp/mlflowctl-apt-data.log); the data stage will try to download Fashion-MNIST instead" >&2; fi; \
+	  else tail -n 5 $$log >&2 || true; \
+	    echo "data: WARNING: could not install $(FMNIST_PKG) (log $$log); the data stage will try to download Fashion-MNIST instead" >&2; fi; \
 	fi
 
 # ---------------------------------------------------------------- docker
@@ -195,15 +195,15 @@ browser:
 	if [ "$$(id -u)" -eq 0 ]; then sudo=""; \
 	elif command -v sudo >/dev/null 2>&1; then sudo="sudo -n"; \
 	else echo "browser: ERROR: not root and no sudo, cannot apt-get install $(BROWSER_PKGS)" >&2; exit 1; fi; \
-	apt="$$sudo apt-get -y -q -o DPkg::Lock::Timeout=300"; \
+	apt="$$sudo apt-get -y -q -o DPkg::Lock::Timeout=300"; log="$$(mktemp -t mlflowctl-apt-browser.XXXXXX)"; \
 	echo "browser: installing $(BROWSER_PKGS) with apt-get"; \
-	if ! $$apt install --no-install-recommends $(BROWSER_PKGS) >/tmp/mlflowctl-apt-browser.log 2>&1; then \
+	if ! $$apt install --no-install-recommends $(BROWSER_PKGS) >$$log 2>&1; then \
 	  echo "browser: apt-get install failed; running apt-get update and retrying"; \
-	  $$apt update >>/tmp/mlflowctl-apt-browser.log 2>&1 || true; \
-	  $$apt install --no-install-recommends $(BROWSER_PKGS) >>/tmp/mlflowctl-apt-browser.log 2>&1 || true; \
+	  $$apt update >>$$log 2>&1 || true; \
+	  $$apt install --no-install-recommends $(BROWSER_PKGS) >>$$log 2>&1 || true; \
 	fi; \
 	if [ -x "$(CHROMIUM)" ]; then echo "browser: $$($(CHROMIUM) --version 2>/dev/null | head -n 1) installed"; \
-	else tail -n 5 /tmp/mlflowctl-apt-browser.log >&2 || true; echo "browser: ERROR: could not install chromium (log /tmp/mlflowctl-apt-browser.log)" >&2; exit 1; fi
+	else tail -n 5 $$log >&2 || true; echo "browser: ERROR: could not install chromium (log $$log)" >&2; exit 1; fi
 
 # ---------------------------------------------------------------- cleaning
 clean:

@@ -1,7 +1,8 @@
 """Stage ``data``: fetch, verify and convert (Fashion-)MNIST to ``train.npz``/``t10k.npz``.
 
 Env: MNIST_DATA_DIR (output dir), DATASET (fashion-mnist | mnist), DATA_SOURCES
-(JSON list of base URLs/paths tried in order), DATA_CACHE_DIR (optional cache of
+(JSON list of base URLs/paths tried in order: https://, file:// or a path; plain
+http:// is refused), DATA_CACHE_DIR (optional cache of
 the .gz files, looked up first), DOWNLOAD_TIMEOUT (seconds, default 30).
 
 Outputs in MNIST_DATA_DIR: train.npz, t10k.npz (x uint8 N×28×28, y uint8 N) and
@@ -9,7 +10,6 @@ data.json.  Exit 2 on a bad setting, 3 when a file cannot be had from any source
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
@@ -37,8 +37,9 @@ FILES = {
 DEFAULT_SOURCES = {
     "fashion-mnist": [
         "file:///usr/share/datasets/fashion-mnist/",
-        # S3 *website* endpoints serve plain HTTP only (no TLS); integrity comes from the sha256 table.
-        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        # Keras's HTTPS mirror of the upstream files (the upstream S3 *website* endpoint is plain HTTP only,
+        # which fetch() refuses); integrity comes from the sha256 table either way.
+        "https://storage.googleapis.com/tensorflow/tf-keras-datasets/",
     ],
     "mnist": [
         "https://ossci-datasets.s3.amazonaws.com/mnist/",
@@ -66,6 +67,7 @@ GZ_SHA256_DEBIAN = {
 }
 
 MAX_BYTES = 64 * 1024 * 1024  # no valid file is bigger than ~30 MB compressed
+MAX_RAW_BYTES = 64 * 1024 * 1024  # read_idx's bound on a decompressed file when its size is not known
 
 _IDX_DTYPES = {
     0x08: np.dtype(np.uint8),
@@ -82,13 +84,38 @@ class IdxError(ValueError):
 
 
 # ------------------------------------------------------------------------ parse
-def _decompress(data: bytes) -> bytes:
+def raw_size(name: str) -> int:
+    """The exact size of a decompressed IDX file of ``FILES``: header plus count × item (uint8)."""
+    _split, kind, count = FILES[name]
+    return 16 + count * 28 * 28 if kind == "x" else 8 + count
+
+
+def _decompress(data: bytes, limit: int = MAX_RAW_BYTES) -> bytes:
+    """gunzip ``data`` (one or more members), producing at most ``limit`` bytes: a gzip bomb stops at the
+    bound instead of filling memory. The gzip trailer (CRC-32, size) is checked by zlib."""
+    out = bytearray()
+    pending = bytes(data)
     try:
-        return gzip.decompress(data)
-    except EOFError:
-        raise IdxError("truncated gzip stream") from None
-    except (OSError, zlib.error) as exc:
+        while pending:
+            d = zlib.decompressobj(zlib.MAX_WBITS | 16)
+            while True:
+                part = d.decompress(pending, limit + 1 - len(out))  # never 0 (= unbounded): we stop above limit
+                out += part
+                if len(out) > limit:
+                    raise IdxError(f"decompresses to more than {limit} bytes (a gzip bomb, or the wrong file)")
+                pending = d.unconsumed_tail
+                if d.eof or (not pending and not part):
+                    break
+            if not d.eof:
+                raise IdxError("truncated gzip stream")
+            pending = d.unused_data
+            if pending and pending[:2] != b"\x1f\x8b":
+                if pending.strip(b"\x00"):
+                    raise IdxError("trailing garbage after the gzip stream")
+                break
+    except zlib.error as exc:
         raise IdxError(f"not a valid gzip file ({exc})") from None
+    return bytes(out)
 
 
 def read_idx(path_or_bytes) -> np.ndarray:
@@ -103,7 +130,7 @@ def read_idx(path_or_bytes) -> np.ndarray:
         with open(path_or_bytes, "rb") as fh:
             data = fh.read()
     if data[:2] == b"\x1f\x8b":
-        data = _decompress(data)
+        data = _decompress(data, MAX_RAW_BYTES)
     if len(data) < 4:
         raise IdxError(f"too short for an IDX header ({len(data)} bytes)")
     zero, code, ndim = struct.unpack(">HBB", data[:4])
@@ -123,13 +150,18 @@ def read_idx(path_or_bytes) -> np.ndarray:
 
 
 def verify(name: str, gz: bytes, dataset: str) -> tuple[np.ndarray, str]:
-    """Check one fetched .gz; return (array, sha256 of the .gz) or raise IdxError."""
+    """Check one fetched .gz; return (array, sha256 of the .gz) or raise IdxError.
+
+    The .gz is hashed before anything is decompressed: the exact known file needs no more. Any other
+    file is decompressed up to the exact size the file must have (a bomb stops there), then its
+    content is hashed.
+    """
     split, kind, count = FILES[name]
     gz_digest = hashlib.sha256(gz).hexdigest()
-    raw = _decompress(gz)
     known = CONTENT_SHA256.get(dataset, {}).get(name)
     if dataset == "fashion-mnist" and gz_digest == GZ_SHA256_DEBIAN[name]:
         known = None  # the exact Debian file: no need to hash the decompressed payload too
+    raw = _decompress(gz, raw_size(name))
     if known is not None:
         digest = hashlib.sha256(raw).hexdigest()
         if digest != known:
@@ -166,8 +198,11 @@ def fetch(location: str, timeout: float) -> bytes:
             return fh.read()
     if scheme not in ("http", "https"):
         raise ValueError(f"unsupported URL scheme {scheme!r}")
+    if scheme == "http":
+        raise ValueError("plain HTTP refused (no TLS: anyone on the path can swap the file); use an https:// "
+                         "mirror or a local copy")
     request = urllib.request.Request(location, headers={"User-Agent": "mlflowctl-data/1"})
-    with urllib.request.urlopen(request, timeout=timeout) as resp:
+    with urllib.request.build_opener(_HttpsOnlyRedirects).open(request, timeout=timeout) as resp:
         total = resp.headers.get("Content-Length")
         total = int(total) if total and total.isdigit() else None
         if total is not None and total > MAX_BYTES:
@@ -188,6 +223,15 @@ def fetch(location: str, timeout: float) -> bytes:
         if total is not None and got != total:
             raise IdxError(f"connection closed after {got} of {total} bytes")
         return b"".join(chunks)
+
+
+class _HttpsOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects to https:// only: a mirror cannot send us to plain HTTP."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 - urllib's signature
+        if urllib.parse.urlsplit(newurl).scheme != "https":
+            raise ValueError(f"plain HTTP refused (redirected to {newurl})")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 def _reason(exc: BaseException) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from mlflowctl.errors import MlflowctlError
-from mlflowctl.pipeline import Pipeline, Stage, install_interrupt_handler
+from mlflowctl.pipeline import Interrupted, Pipeline, Stage, install_interrupt_handler
 from mlflowctl.state import STATE_DIR
 
 
@@ -141,6 +141,8 @@ class DoitPipeline:
             p.run(name)
         except MlflowctlError as exc:
             return TaskFailed(f"mlflowctl: {exc}")
+        except Interrupted as exc:  # SIGTERM/Ctrl-C with no stage process to cancel: a failed task, not a traceback
+            return TaskFailed(exc.line(name))
         return None
 
 

@@ -85,6 +85,21 @@ def mlflowctl_before_stage(stage: str, run: StageRun) -> None:
 
 
 @hookspec
+def mlflowctl_before_publish(stage: str, run: StageRun, path: str) -> None:
+    """Called when a stage's output is complete, just before it is published at store path ``path``.
+
+    Nothing of the result is in the store yet (for ``register``, the new model version already is:
+    a re-run adopts it). Raising vetoes the publish: the stage fails and nothing is published. The
+    point where a crash is the most expensive, which is why the fault-injection tests stop here.
+
+    :param stage: the stage name.
+    :param run: what the backend ran.
+    :param path: where the result is about to appear, ``results/<stage>/<key>``.
+    :returns: nothing; all implementations are called.
+    """
+
+
+@hookspec
 def mlflowctl_after_stage(stage: str, run: StageRun, result: StageResult) -> None:
     """Called after a stage succeeded and its outputs were published.
 

@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping
 
 from mlflowctl.backends import LogWriter, StageResult, StageRun, StoreLocation
 from mlflowctl.config import Setting, public, stage_env, stage_sections
-from mlflowctl.errors import ConfigError, MlflowctlError, StageFailed
+from mlflowctl.errors import Cancelled, ConfigError, MlflowctlError, StageFailed
 from mlflowctl.stores import MANIFEST
 
 RESULTS = "results"
@@ -346,6 +346,9 @@ class Pipeline:
                         f"stage {stage.name} failed with exit code {result.exit_code}"
                         + (f": {tail}" if tail else ""),
                         hint=f"full log: {log_path}; re-run with: {self.rerun_command(stage.name)}")
+                if run.cancelled.is_set():  # Ctrl-C/SIGTERM while an in-process action ran: publish nothing
+                    raise Cancelled(f"stage {stage.name} cancelled")
+                hook.mlflowctl_before_publish(stage=stage.name, run=run, path=info.path)
             except BaseException as exc:
                 self._record_run_state(stage.name, state="failed", **begun, finished_at=time.time(),
                                        duration=round(time.monotonic() - started, 3),
@@ -572,7 +575,32 @@ def _on_sigint(signum: int, frame: Any) -> None:
     if callable(handler):
         handler(signum, frame)
     else:
-        raise KeyboardInterrupt
+        raise Interrupted(signum)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM when no stage process could be cancelled (between stages, in a hook, in an action
+    already cancelled once): stops the run; every result is published whole or not at all."""
+
+    def __init__(self, signum: int) -> None:
+        self.what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        super().__init__(self.what)
+
+    def line(self, stage: str | None = None) -> str:
+        where = f" during stage {stage}" if stage else ""
+        return (f"mlflowctl: {self.what}: stopped{where} (results are published whole or not at all; "
+                f"a re-run continues from there)")
+
+
+def _excepthook(kind: type, value: BaseException, tb: Any) -> None:
+    """An interruption outside a stage (doit's own bookkeeping) is one line, not a traceback."""
+    if isinstance(value, Interrupted):
+        print(value.line(), file=sys.stderr, flush=True)
+        return
+    _PREVIOUS_EXCEPTHOOK[0](kind, value, tb)
+
+
+_PREVIOUS_EXCEPTHOOK: list[Any] = []
 
 
 _PREVIOUS_HANDLERS: dict[int, Any] = {}
@@ -583,6 +611,9 @@ def install_interrupt_handler() -> None:
     (their backends stop and clean up; nothing is published)."""
     if threading.current_thread() is not threading.main_thread():
         return
+    if sys.excepthook is not _excepthook:
+        _PREVIOUS_EXCEPTHOOK[:] = [sys.excepthook]
+        sys.excepthook = _excepthook
     for signum in (signal.SIGINT, signal.SIGTERM):
         current = signal.getsignal(signum)
         if current is _on_sigint:

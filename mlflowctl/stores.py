@@ -15,7 +15,8 @@ from typing import IO, Any, ClassVar, Iterator
 
 from mlflowctl.config import Configurable
 from mlflowctl.errors import MlflowctlError
-from mlflowctl.manifest import MANIFEST, file_manifest, manifest_files  # noqa: F401 - part of the store contract
+from mlflowctl.manifest import (MANIFEST, created_mode, file_manifest, folder_problem,  # noqa: F401 - store contract
+                                manifest_files)
 
 
 class Store(Configurable):
@@ -221,7 +222,7 @@ def staging_dir(base: Path, label: str = "out") -> Iterator[Path]:
 
     base.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{label}-{_owner()}-", dir=base))
-    tmp.chmod(0o755)
+    tmp.chmod(created_mode(0o777))  # mkdtemp's 0700 would survive the publish (a rename)
     try:
         yield tmp
     finally:

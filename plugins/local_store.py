@@ -11,7 +11,8 @@ from typing import IO, Any
 
 from mlflowctl import hookimpl
 from mlflowctl.errors import ConfigError, UnavailableError
-from mlflowctl.stores import MANIFEST, ReplacingWriter, Store, file_manifest, staging_dir, sweep_staging
+from mlflowctl.stores import (MANIFEST, ReplacingWriter, Store, created_mode, file_manifest, folder_problem,
+                              staging_dir, sweep_staging)
 
 STAGING = ".staging"
 
@@ -22,6 +23,7 @@ class _AtomicWriter(ReplacingWriter):
     def __init__(self, target: Path, mode: str) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, self._tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        os.fchmod(fd, created_mode())  # mkstemp's 0600 would hide registry files from a shared store's readers
         super().__init__(os.fdopen(fd, mode))
         self._target = target
 
@@ -140,28 +142,11 @@ class LocalStore(Store):
 
 
 def damaged_folder(folder: Path, deep: bool = False) -> str | None:
-    """What is wrong with a local published folder against its ``_manifest.json`` (sizes; sha256 if ``deep``)."""
-    import json
-
+    """What is wrong with a local published folder against its ``_manifest.json`` (sizes; sha256 if ``deep``,
+    memoised per file)."""
     from mlflowctl.pipeline import file_digest
 
-    try:
-        files = json.loads((folder / MANIFEST).read_text())["files"]
-        entries = [(rel, int(info["bytes"]), info["sha256"]) for rel, info in files.items()]
-    except FileNotFoundError:
-        return f"{MANIFEST} is missing"
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return f"{MANIFEST} is unreadable"
-    for rel, size, sha in entries:
-        target = folder / rel
-        try:
-            if target.stat().st_size != size:
-                return f"{rel} has {target.stat().st_size} bytes, not {size}"
-            if deep and file_digest(target) != sha:
-                return f"{rel} does not match its sha256"
-        except OSError:
-            return f"{rel} is missing"
-    return None
+    return folder_problem(folder, deep, digest=file_digest)
 
 
 def _dumps(data: Any) -> str:

@@ -33,11 +33,12 @@ from typing import IO, Any, Iterator
 from mlflowctl import hookimpl
 from mlflowctl.config import Setting
 from mlflowctl.errors import ConfigError, MlflowctlError, UnavailableError
-from mlflowctl.stores import MANIFEST, Store, loads_json
+from mlflowctl.manifest import sha256_file
+from mlflowctl.stores import MANIFEST, Store, created_mode, file_manifest, folder_problem, loads_json
 from mlflowctl_plugins.kube import Kube, check_dns_label, check_quantity, dns_name
 
 SERVER_PORT = 8080
-_RESULT = re.compile(r"^results/[^/]+/[^/]+(/_manifest\.json)?$")  # published results: immutable
+_RESULT = re.compile(r"^results/[^/]+/[^/]+(/_manifest\.json|#intact)?$")  # published results: immutable
 SERVER_FILES = {  # file name in the ConfigMap -> where its source lives
     "store_server.py": Path(__file__).with_name("pvc_store_server.py"),
     "manifest.py": Path(__file__).resolve().parent.parent / "mlflowctl" / "manifest.py",
@@ -271,7 +272,7 @@ class PvcStore(Store):
     def _forget(self, path: str) -> None:
         prefix = path.strip("/")
         known = self._known()
-        gone = [k for k in known if k == prefix or k.startswith(prefix + "/") or not prefix]
+        gone = [k for k in known if k == prefix or k.startswith((prefix + "/", prefix + "#")) or not prefix]
         if gone:
             for k in gone:
                 known.pop(k, None)
@@ -317,7 +318,8 @@ class PvcStore(Store):
 
     def put(self, src: Path, path: str) -> None:
         with open(src, "rb") as fh:
-            self._request("PUT", "v1/file", params={"path": self._check(path)}, data=fh)
+            self._request("PUT", "v1/file", params={"path": self._check(path)}, data=fh,
+                          headers={"X-Content-SHA256": sha256_file(src)})
 
     def get(self, path: str, dest: Path) -> Path:
         rel = self._check(path)
@@ -361,8 +363,15 @@ class PvcStore(Store):
             return target
         self._cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=self._cache_dir))
+        tmp.chmod(created_mode(0o777))
         try:
             self.get(path, tmp)
+            problem = folder_problem(tmp, deep=True)  # what arrived, against the manifest it was published with
+            if problem is None and (json.loads((tmp / MANIFEST).read_text()).get("digest") != manifest.get("digest")):
+                problem = f"{MANIFEST} changed while it was downloaded"
+            if problem is not None:
+                raise UnavailableError(f"store {self.url}: {path} does not match its manifest ({problem})",
+                                       hint="the result was damaged on the claim; delete it and re-run its stage")
             os.rename(tmp, target)
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -385,6 +394,7 @@ class PvcStore(Store):
         """Upload ``src`` into a staging folder on the volume, then publish it there (a rename)."""
         if self.exists(path):
             return False
+        expect = file_manifest(Path(src))["files"]  # the server publishes only if exactly these files landed
         staging = self._new_staging("upload")
         try:
             buf = tempfile.TemporaryFile(dir=self._tmp_root())
@@ -395,13 +405,28 @@ class PvcStore(Store):
             buf.seek(0)
             self._request("POST", "v1/untar", params={"path": self._check(staging)}, data=buf, timeout=600)
             buf.close()
-            published = self.publish_staged(staging, path, manifest)
+            published = self.publish_staged(staging, path, {**(manifest or {}), "_expect": expect})
         finally:
             with contextlib.suppress(MlflowctlError):
                 self.delete(staging)  # gone already when published
         if published:
             shutil.rmtree(src, ignore_errors=True)
         return published
+
+    def damaged(self, path: str, deep: bool = False) -> str | None:
+        """Checked by the store server on the volume: sizes (a result this machine saw intact is not asked
+        again while ``remember_results``), with ``deep`` every sha256 too."""
+        verified = f"{path.strip('/')}#intact"
+        if not deep and self.setting("remember_results") and self._known().get(verified):
+            return None
+        r = self._request("GET", "v1/damaged", ok=(200, 404), params={"path": self._check(path),
+                                                                      "deep": "1" if deep else "0"})
+        problem = r.json().get("problem") if r.status_code == 200 else "it is missing"
+        if problem is None:
+            self._remember(verified, True)
+        else:
+            self._forget(path)
+        return problem
 
     # -- stages that run in the cluster ----------------------------------------------------------------
     def pod_volume(self, path: str) -> tuple[dict[str, Any], str]:
@@ -448,7 +473,9 @@ class _Upload(io.BytesIO):
 
     def __exit__(self, exc_type: Any, *rest: Any) -> None:
         if exc_type is None:
-            self._store._request("PUT", "v1/file", params={"path": self._path}, data=self.getvalue())
+            body = self.getvalue()
+            self._store._request("PUT", "v1/file", params={"path": self._path}, data=body,
+                                 headers={"X-Content-SHA256": hashlib.sha256(body).hexdigest()})
         super().close()
 
 

@@ -20,7 +20,13 @@ Routes (``path`` is store-relative, ``/``-separated; ``..``, absolute paths and 
     POST   /v1/untar?path=P            extract the tar body into the staging folder P
     POST   /v1/staging?path=P          create the staging folder P (its parent must be named .staging)
     POST   /v1/publish?src=S&dst=D     write S/_manifest.json (body: extra fields), rename S to D;
-                                       {"published": true, "digest"} or 409 {"published": false}
+                                       {"published": true, "digest"} or 409 {"published": false}; with
+                                       "_expect": {file: {"bytes", "sha256"}} in the body, S must hold
+                                       exactly those files (else 400, nothing published)
+    GET    /v1/damaged?path=P&deep=1   {"problem": null | "what is wrong"}: P against its _manifest.json
+                                       (sizes; sha256 too with deep=1)
+
+    PUT /v1/file with an X-Content-SHA256 header: the body must match it (else 400, nothing replaced).
 """
 from __future__ import annotations
 
@@ -40,7 +46,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from manifest import MANIFEST, file_manifest  # noqa: E402  (shipped beside this file)
+from manifest import MANIFEST, created_mode, file_manifest, folder_problem, sha256_file  # noqa: E402  (shipped beside)
 
 STAGING = ".staging"
 MAX_SMALL_FILE = 64 << 20
@@ -86,10 +92,13 @@ class Store:
             except FileNotFoundError:
                 pass
 
-    def write_atomic(self, target: Path, stream, length: int) -> None:
+    def write_atomic(self, target: Path, stream, length: int, sha256: str = "") -> None:
+        import hashlib
+
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
         try:
+            h = hashlib.sha256()
             with os.fdopen(fd, "wb") as out:
                 left = length
                 while left > 0:
@@ -97,10 +106,14 @@ class Store:
                     if not chunk:
                         raise BadRequest("body shorter than Content-Length")
                     out.write(chunk)
+                    h.update(chunk)
                     left -= len(chunk)
                 out.flush()
                 os.fsync(out.fileno())
-            os.chmod(tmp, 0o644)
+            if sha256 and h.hexdigest() != sha256.lower():
+                raise BadRequest(f"body does not match its sha256 ({h.hexdigest()[:12]}..., sent "
+                                 f"{sha256[:12]}...): nothing written")
+            os.chmod(tmp, created_mode())
             os.replace(tmp, target)
         except BaseException:
             try:
@@ -126,14 +139,22 @@ class Store:
                 src = tf.extractfile(member)
                 with open(target, "wb") as out:
                     shutil.copyfileobj(src, out, 1 << 20)
-                os.chmod(target, 0o755 if member.mode & 0o111 else 0o644)
+                os.chmod(target, created_mode(0o777 if member.mode & 0o111 else 0o666))
 
     def publish(self, src: Path, dst: Path, extra: dict) -> dict:
         if not src.is_dir():
             raise NotFound(f"staging folder {src.name} does not exist")
         if dst.exists():
             return {"published": False}
+        expect = extra.pop("_expect", None)
         manifest = file_manifest(src, extra)
+        if expect is not None:  # what the client sent must be what landed on the volume
+            got = manifest["files"]
+            for rel in sorted(set(got) | set(expect)):
+                want, have = expect.get(rel), got.get(rel)
+                if want is None or have is None or (want.get("bytes"), want.get("sha256")) != (have["bytes"], have["sha256"]):
+                    what = "is missing" if have is None else "was not sent" if want is None else "differs from what was sent"
+                    raise BadRequest(f"upload damaged: {rel} {what} (sizes and sha256 checked); nothing published")
         (src / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         dst.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -178,6 +199,7 @@ class Handler(BaseHTTPRequestHandler):
         route = urlparse(self.path).path
         q = self._q()
         s = self.store
+        self._body_read = False  # a route that read the body sets it: an error then drains nothing more
         try:
             handler = ROUTES.get((self.command, route))
             if handler is None:
@@ -193,6 +215,8 @@ class Handler(BaseHTTPRequestHandler):
             self._json(500, {"error": f"{type(exc).__name__}: {exc.strerror or exc}"})
 
     def _drain(self) -> None:
+        if getattr(self, "_body_read", False):
+            return
         try:
             left = self._length()
             while left > 0:
@@ -232,8 +256,19 @@ class Handler(BaseHTTPRequestHandler):
 
     def put_file(self, s: Store, q) -> None:
         p = s.path(q.get("path"), allow_root=False)
-        s.write_atomic(p, self.rfile, self._length())
+        length = self._length()
+        try:
+            s.write_atomic(p, self.rfile, length, self.headers.get("X-Content-SHA256", ""))
+        except BadRequest as exc:
+            self._body_read = "nothing written" in str(exc)  # the whole body was read before the check
+            raise
         self._json(200, {"ok": True})
+
+    def damaged(self, s: Store, q) -> None:
+        p = s.path(q.get("path"), allow_root=False)
+        if not p.is_dir():
+            raise NotFound(f"{q.get('path')} is not a published folder")
+        self._json(200, {"problem": folder_problem(p, deep=q.get("deep") == "1", digest=sha256_file)})
 
     def delete(self, s: Store, q) -> None:
         s.delete(s.path(q.get("path"), allow_root=False))
@@ -270,8 +305,10 @@ class Handler(BaseHTTPRequestHandler):
         length = self._length()
         if length > MAX_SMALL_FILE:
             raise BadRequest("manifest too large")
+        body = self.rfile.read(length)
+        self._body_read = True
         try:
-            extra = json.loads(self.rfile.read(length) or b"{}")
+            extra = json.loads(body or b"{}")
         except ValueError:
             raise BadRequest("body: expected a JSON object") from None
         if not isinstance(extra, dict):
@@ -293,6 +330,7 @@ ROUTES = {
     ("POST", "/v1/untar"): Handler.untar,
     ("POST", "/v1/staging"): Handler.staging,
     ("POST", "/v1/publish"): Handler.publish,
+    ("GET", "/v1/damaged"): Handler.damaged,
 }
 
 

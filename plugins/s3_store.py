@@ -47,7 +47,8 @@ from typing import IO, Any, Iterator
 from mlflowctl import hookimpl
 from mlflowctl.config import Setting
 from mlflowctl.errors import ConfigError, MlflowctlError, UnavailableError
-from mlflowctl.stores import MANIFEST, ReplacingWriter, Store, file_manifest, loads_json, manifest_files, staging_dir
+from mlflowctl.stores import (MANIFEST, ReplacingWriter, Store, created_mode, file_manifest, loads_json, manifest_files,
+                              staging_dir)
 
 FILES = "_files"          # <path>/_files/<upload-id>/<file>: the uploads of a published directory
 CACHE_DIR = "s3-cache"     # under the project's state folder
@@ -648,7 +649,7 @@ class S3Tree:
                         os.rename(src / rel, tmp)
                     except OSError:
                         shutil.copyfile(src / rel, tmp)
-                    tmp.chmod(0o444)
+                    tmp.chmod(created_mode(0o444))
                     os.replace(tmp, blob)
             self._materialise(body, data)
         except OSError:
@@ -671,7 +672,7 @@ class S3Tree:
                 except OSError:
                     shutil.copyfile(self._blob(info["sha256"]), target)
             (tmp / MANIFEST).write_bytes(body)
-            tmp.chmod(0o755)
+            tmp.chmod(created_mode(0o777))
             try:
                 os.rename(tmp, final)
             except OSError:
@@ -734,7 +735,7 @@ class S3Tree:
                                            hint="the object was changed in the bucket; delete the result and re-run")
                 blob = self._blob(sha)
                 blob.parent.mkdir(parents=True, exist_ok=True)
-                tmp.chmod(0o444)
+                tmp.chmod(created_mode(0o444))
                 os.replace(tmp, blob)
         finally:
             for _sha, _rel, tmp, _future in jobs:

@@ -83,11 +83,13 @@ else
     command -v apt-get >/dev/null 2>&1 || die "debootstrap missing and no apt-get to install it"
     say "installing debootstrap"
     apt=(apt-get -y -q -o DPkg::Lock::Timeout=300)
-    "${apt[@]}" install --no-install-recommends debootstrap >/tmp/mlflowctl-apt.log 2>&1 || {
-      "${apt[@]}" update >>/tmp/mlflowctl-apt.log 2>&1 || true
-      "${apt[@]}" install --no-install-recommends debootstrap >>/tmp/mlflowctl-apt.log 2>&1 \
-        || { tail -n 15 /tmp/mlflowctl-apt.log >&2; die "apt-get install debootstrap failed (log: /tmp/mlflowctl-apt.log)"; }
+    apt_log="$(mktemp -t mlflowctl-apt.XXXXXX)"  # never a fixed /tmp name: this runs as root
+    "${apt[@]}" install --no-install-recommends debootstrap >"$apt_log" 2>&1 || {
+      "${apt[@]}" update >>"$apt_log" 2>&1 || true
+      "${apt[@]}" install --no-install-recommends debootstrap >>"$apt_log" 2>&1 \
+        || { tail -n 15 "$apt_log" >&2; die "apt-get install debootstrap failed (log: $apt_log)"; }
     }
+    rm -f "$apt_log"
   fi
 
   mirror="${DEBIAN_MIRROR:-}"
@@ -112,12 +114,14 @@ else
   trap cleanup EXIT
 
   say "debootstrap $SUITE (minbase + $INCLUDE) from $mirror into $rootfs"
+  boot_log="$(mktemp -t mlflowctl-debootstrap.XXXXXX)"
   if ! debootstrap --variant=minbase --include="$INCLUDE" "$SUITE" "$rootfs" "$mirror" \
-        >/tmp/mlflowctl-debootstrap.log 2>&1; then
-    tail -n 20 /tmp/mlflowctl-debootstrap.log >&2
+        >"$boot_log" 2>&1; then
+    tail -n 20 "$boot_log" >&2
     [ -f "$rootfs/debootstrap/debootstrap.log" ] && tail -n 20 "$rootfs/debootstrap/debootstrap.log" >&2
-    die "debootstrap failed (log: /tmp/mlflowctl-debootstrap.log); check that $mirror is reachable"
+    die "debootstrap failed (log: $boot_log); check that $mirror is reachable"
   fi
+  rm -f "$boot_log"
   say "debootstrap done after $((SECONDS - start))s; customising"
 
   # python / pip like the official image

@@ -16,8 +16,11 @@
 # Environment:
 #   DOCKERD_STORAGE_DRIVER  force a storage driver (default: probe)
 #   DOCKERD_EXTRA_ARGS      extra arguments for dockerd (word-split)
-#   DOCKERD_LOG             log file (default /var/log/mlflowctl-dockerd.log,
-#                           or /tmp/mlflowctl-dockerd.log if not writable)
+#   DOCKERD_LOG             log file (default /var/log/mlflowctl-dockerd.log, or a
+#                           fresh mktemp file if not writable)
+#
+# No fixed /tmp names (this runs as root): logs of apt are fresh mktemp files, the
+# lock lives in a state folder only its owner can write (/run/mlflowctl as root).
 #   DOCKER_WAIT             seconds to wait for the daemon (default 60)
 set -euo pipefail
 
@@ -57,12 +60,14 @@ apt_install() {
   say "installing $* with apt-get"
   # With Recommends (as a plain `apt-get install docker.io`): git, xz-utils,
   # apparmor, cgroupfs-mount... which `docker build` and the daemon may want.
-  if ! "${apt[@]}" install "$@" >/tmp/mlflowctl-apt.log 2>&1; then
+  local log; log="$(mktemp -t mlflowctl-apt.XXXXXX)"
+  if ! "${apt[@]}" install "$@" >"$log" 2>&1; then
     say "apt-get install failed, running apt-get update and retrying"
-    "${apt[@]}" update >>/tmp/mlflowctl-apt.log 2>&1 || true
-    "${apt[@]}" install "$@" >>/tmp/mlflowctl-apt.log 2>&1 \
-      || { tail -n 15 /tmp/mlflowctl-apt.log >&2; die "apt-get install $* failed (log: /tmp/mlflowctl-apt.log)"; }
+    "${apt[@]}" update >>"$log" 2>&1 || true
+    "${apt[@]}" install "$@" >>"$log" 2>&1 \
+      || { tail -n 15 "$log" >&2; die "apt-get install $* failed (log: $log)"; }
   fi
+  rm -f "$log"
 }
 
 # 1. Binaries: dockerd (daemon) and docker (client). docker.io provides both.
@@ -86,8 +91,11 @@ wait_for_daemon() {
 }
 
 # Serialise concurrent starters.
-LOCK=/tmp/mlflowctl-dockerd.lock
-exec 9>"$LOCK"
+if [ "$(id -u)" -eq 0 ]; then RUN_DIR=/run/mlflowctl; else RUN_DIR="${XDG_RUNTIME_DIR:-$HOME/.cache}/mlflowctl"; fi
+mkdir -p -m 0755 "$RUN_DIR"
+[ -d "$RUN_DIR" ] && [ ! -L "$RUN_DIR" ] && [ -O "$RUN_DIR" ] || die "$RUN_DIR is not a folder of ours; remove it and re-run"
+LOCK="$RUN_DIR/dockerd.lock"
+exec 9>>"$LOCK"
 flock -w 120 9 || die "timed out waiting for another ensure-docker.sh (lock $LOCK)"
 
 if docker_ok; then say "Docker daemon is up"; exit 0; fi
@@ -118,7 +126,7 @@ fi
 
 # 4. Log file.
 LOG="${DOCKERD_LOG:-/var/log/mlflowctl-dockerd.log}"
-if ! { "${SUDO[@]}" touch "$LOG"; } 2>/dev/null; then LOG=/tmp/mlflowctl-dockerd.log; fi
+if ! { "${SUDO[@]}" touch "$LOG"; } 2>/dev/null; then LOG="$(mktemp -t mlflowctl-dockerd.XXXXXX.log)"; fi
 
 # 5. Start dockerd detached so it survives make/CI's shell.
 args=(--storage-driver="$driver")

@@ -172,50 +172,198 @@ def test_default_sources_write_the_three_outputs(tmp_path):
         assert info["sha256"] == download.GZ_SHA256_DEBIAN[name]
 
 
-# ------------------------------------------------------------------- over HTTP
-@pytest.fixture()
-def http_root(tmp_path):
-    """A local HTTP server over tmp_path/www (good/ holds the Debian files), plus a silent socket."""
-    import functools
+# ------------------------------------------------------------------- over HTTPS
+def self_signed_cert(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key (the client trusts it through SSL_CERT_FILE)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def serve(www: Path, tls: tuple[Path, Path] | None = None, redirect_to: str = ""):
+    """A server over ``www`` on 127.0.0.1 (TLS when ``tls``); counts requests; ``/redirect/x`` -> ``redirect_to/x``."""
     import http.server
-    import socket
+    import ssl
     import threading
+
+    seen: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **k):
+            super().__init__(*a, directory=str(www), **k)
+
+        def log_message(self, *a, **k):
+            pass
+
+        def do_GET(self):
+            seen.append(self.path)
+            if self.path.startswith("/redirect/"):
+                self.send_response(302)
+                self.send_header("Location", redirect_to + self.path[len("/redirect/"):])
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            super().do_GET()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    if tls:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(tls[0]), str(tls[1]))
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server.seen = seen
+    server.url = f"{'https' if tls else 'http'}://127.0.0.1:{server.server_port}"
+    return server
+
+
+@pytest.fixture()
+def https_root(tmp_path):
+    """A local HTTPS server over tmp_path/www (good/ holds the Debian files), its certificate, a silent socket."""
+    import socket
 
     www = tmp_path / "www"
     (www / "good").mkdir(parents=True)
     for name in FILES:
         shutil.copyfile(DEBIAN_DIR / name, www / "good" / name)
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
-    handler.log_message = lambda *a, **k: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    cert, key = self_signed_cert(tmp_path)
+    server = serve(www, tls=(cert, key))
     silent = socket.socket()  # accepts connections (backlog) but never answers
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)
-    yield {"http": f"http://127.0.0.1:{server.server_port}", "silent": f"http://127.0.0.1:{silent.getsockname()[1]}"}
+    yield {"https": server.url, "silent": f"https://127.0.0.1:{silent.getsockname()[1]}", "cert": str(cert),
+           "server": server, "www": www}
     server.shutdown()
     server.server_close()
     silent.close()
 
 
-def test_http_sources_timeout_404_then_success_and_cache(tmp_path, http_root):
+def test_https_sources_timeout_404_then_success_and_cache(tmp_path, https_root):
     out, cache = tmp_path / "out", tmp_path / "cache"
     out.mkdir()
-    sources = [http_root["silent"] + "/", http_root["http"] + "/missing/", http_root["http"] + "/good/"]
-    proc = run_download(out, DATA_SOURCES=json.dumps(sources), DATA_CACHE_DIR=str(cache), DOWNLOAD_TIMEOUT="0.5")
+    sources = [https_root["silent"] + "/", https_root["https"] + "/missing/", https_root["https"] + "/good/"]
+    proc = run_download(out, DATA_SOURCES=json.dumps(sources), DATA_CACHE_DIR=str(cache), DOWNLOAD_TIMEOUT="0.5",
+                        SSL_CERT_FILE=https_root["cert"])
     assert proc.returncode == 0, proc.stderr
     name = "t10k-labels-idx1-ubyte.gz"
-    assert f"data: {name} from {http_root['silent']}/{name}: " in proc.stdout
-    assert "timed out; trying next source" in proc.stdout
-    assert f"data: {name} from {http_root['http']}/missing/{name}: HTTP 404" in proc.stdout
+    assert f"data: {name} from {https_root['silent']}/{name}: " in proc.stdout
+    assert "timed out" in proc.stdout
+    assert f"data: {name} from {https_root['https']}/missing/{name}: HTTP 404" in proc.stdout
     meta = json.loads((out / "data.json").read_text())
-    assert meta["files"][name]["source"] == f"{http_root['http']}/good/{name}"
+    assert meta["files"][name]["source"] == f"{https_root['https']}/good/{name}"
     # fetched files were cached (per dataset) and are used first next time, even with no source at all
     assert sorted(os.listdir(cache / "fashion-mnist")) == sorted(FILES)
     out2 = tmp_path / "out2"
     proc = run_download(out2, DATA_SOURCES=json.dumps([str(tmp_path / "nowhere")]), DATA_CACHE_DIR=str(cache))
     assert proc.returncode == 0, proc.stderr
     assert sorted(os.listdir(out2)) == ["data.json", "t10k.npz", "train.npz"]
+
+
+def test_an_untrusted_certificate_is_a_failed_source(tmp_path, https_root):
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = run_download(out, DATA_SOURCES=json.dumps([https_root["https"] + "/good/"]))  # no SSL_CERT_FILE
+    assert proc.returncode == 3, proc.stderr
+    assert "CERTIFICATE_VERIFY_FAILED" in proc.stderr and os.listdir(out) == []
+
+
+def test_plain_http_is_refused_before_any_request_and_so_are_redirects_to_it(tmp_path, https_root):
+    plain = serve(https_root["www"])  # the same files over plain HTTP on 127.0.0.1
+    redirecting = serve(https_root["www"], tls=(Path(https_root["cert"]), tmp_path / "key.pem"),
+                        redirect_to=plain.url + "/good/")
+    try:
+        out = tmp_path / "out"
+        out.mkdir()
+        sources = [plain.url + "/good/", redirecting.url + "/redirect/", f"file://{DEBIAN_DIR}/"]
+        proc = run_download(out, DATA_SOURCES=json.dumps(sources), SSL_CERT_FILE=https_root["cert"])
+    finally:
+        for srv in (plain, redirecting):
+            srv.shutdown()
+            srv.server_close()
+    assert proc.returncode == 0, proc.stderr
+    name = "train-labels-idx1-ubyte.gz"
+    assert f"data: {name} from {plain.url}/good/{name}: plain HTTP refused" in proc.stdout
+    assert f"data: {name} from {redirecting.url}/redirect/{name}: plain HTTP refused (redirected to " in proc.stdout
+    assert plain.seen == []  # not one request went out in clear text
+    assert len(redirecting.seen) == len(FILES)
+    meta = json.loads((out / "data.json").read_text())
+    assert {f["source"] for f in meta["files"].values()} == {f"file://{DEBIAN_DIR}/{n}" for n in FILES}
+
+
+def test_the_default_mirror_is_https():
+    for dataset, sources in download.DEFAULT_SOURCES.items():
+        assert all(s.startswith(("https://", "file://")) for s in sources), (dataset, sources)
+
+
+# ------------------------------------------------------- bounded decompression
+def gzip_bomb(size: int) -> bytes:
+    """A small gzip of ``size`` zero bytes (512 MiB -> about 0.5 MB)."""
+    import zlib
+
+    c = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+    chunk = bytes(1 << 20)
+    return b"".join([*(c.compress(chunk) for _ in range(size >> 20)), c.flush()])
+
+
+@pytest.mark.parametrize("name", ["train-labels-idx1-ubyte.gz", "train-images-idx3-ubyte.gz"])
+def test_a_gzip_bomb_is_refused_within_the_files_own_size(name):
+    import tracemalloc
+
+    bomb = gzip_bomb(512 << 20)
+    assert len(bomb) < 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(download.IdxError, match=f"decompresses to more than {download.raw_size(name)} bytes"):
+            download.verify(name, bomb, "fashion-mnist")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # the bound is the file's exact decompressed size (47 MB for the training images), never the bomb's 512 MiB
+    assert peak < 3 * download.raw_size(name) + (4 << 20), peak
+
+
+def test_a_bomb_from_a_source_falls_through_to_the_next_one(tmp_path):
+    bombs = tmp_path / "bombs"
+    bombs.mkdir()
+    for name in FILES:
+        (bombs / name).write_bytes(gzip_bomb(64 << 20))
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = run_download(out, DATA_SOURCES=json.dumps([str(bombs), str(DEBIAN_DIR)]))
+    assert proc.returncode == 0, proc.stderr
+    assert f"data: t10k-labels-idx1-ubyte.gz from {bombs}/t10k-labels-idx1-ubyte.gz: decompresses to more than " \
+           f"10008 bytes" in proc.stdout
+
+
+def test_bounded_decompression_keeps_multi_member_and_trailer_checks():
+    raw = (DEBIAN_DIR / "t10k-labels-idx1-ubyte.gz").read_bytes()
+    payload = gzip.decompress(raw)
+    two = gzip.compress(payload[:5000]) + gzip.compress(payload[5000:])
+    assert download._decompress(two, len(payload)) == payload
+    with pytest.raises(download.IdxError, match="more than"):
+        download._decompress(two, len(payload) - 1)
+    bad_crc = bytearray(gzip.compress(payload))
+    bad_crc[-6] ^= 0xFF
+    with pytest.raises(download.IdxError, match="not a valid gzip"):
+        download._decompress(bytes(bad_crc))
 
 
 def test_mnist_checks_structure_only(tmp_path):

@@ -178,7 +178,7 @@ def _describe_setting(setting: Any) -> str:
     if setting.secret:
         parts.append("secret")
     parts.append("required" if setting.default is REQUIRED
-                 else "default (hidden)" if setting.secret and setting.default else f"default {setting.default!r}")
+                 else "default (hidden)" if setting.secret and setting.default else f"default {setting.default}")
     if setting.min is not None or setting.max is not None:
         low = "" if setting.min is None else f"{setting.min:g}"
         high = "" if setting.max is None else f"{setting.max:g}"
@@ -433,7 +433,7 @@ def cmd_report(root: Path, overrides: dict[str, str], args: Any) -> int:
 def _tested(project: Any, stable: int, report: dict[str, Any]) -> dict[str, Any]:
     """The integration test figures of version ``stable``, never another version's.
 
-    The current ``integration_test`` result counts only if it tested ``stable``; else the summary
+    The gate stage's current report counts only if it tested ``stable``; else the summary
     recorded with the version's promotion verdict (``mlflowctl models``) is used.
     """
     tested = (report.get("endpoint") or {}).get("version") if isinstance(report.get("endpoint"), dict) else None

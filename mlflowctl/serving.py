@@ -168,8 +168,9 @@ class ProjectView(Protocol):
     * ``config``: the validated configuration (read only), e.g. ``config["backend"]``.
     * ``store``: the artifact store. A :class:`~mlflowctl.model_registry.ModelVersion`'s ``path``
       is a *store path* (``models/<name>/<N>``), not a folder: ``store.fetch(version.path)`` gives a
-      local folder holding the SavedModel (``saved_model.pb``, ``variables/``) and, if trained,
-      ``concept/`` (the drift autoencoder and ``threshold.json``). ``store.url`` says where it is.
+      local folder holding the servable the producing stage declared (for TensorFlow, a SavedModel)
+      and, if one was declared, ``concept/`` (the drift model and ``threshold.json``). ``store.url``
+      says where it is.
     * ``models``: the model registry (``labels()``, ``versions()``, ``servable(N)``).
     * ``backend``: the selected execution backend (its ``name``); ``backend_named(name)`` builds
       another one with its configured settings (e.g. a docker runtime of a serving target).

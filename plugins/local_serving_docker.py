@@ -99,7 +99,8 @@ class DockerRuntime:
 
     def spawn(self, args: list[str], base: Path) -> dict[str, Any]:
         import docker.errors
-        from docker.types import Mount
+
+        from mlflowctl_plugins.docker_container import BindMount, ContainerSpec
 
         t = self.target
         host, port = str(t.setting("host")), int(t.setting("port"))
@@ -116,17 +117,15 @@ class DockerRuntime:
             log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting container {name} of {tag}: "
                       f"{' '.join(command)}\n".encode())
         try:
-            container = self.client().containers.run(
-                image.id, command, name=name, detach=True, init=True, stdin_open=False, tty=False,
-                user=self.backend.user(), network_mode="host",
+            spec = ContainerSpec(
+                image=image.id, command=command, name=name, user=self.backend.user() or "", network="host",
                 environment={"HOME": "/tmp", "PYTHONUNBUFFERED": "1",
                              "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")},
-                mounts=[Mount(target=str(base), source=os.path.realpath(base), type="bind", read_only=True),
-                        Mount(target=str(serve_dir), source=os.path.realpath(serve_dir), type="bind",
-                              read_only=False)],
+                mounts=[BindMount(source=os.path.realpath(base), target=str(base), read_only=True),
+                        BindMount(source=os.path.realpath(serve_dir), target=str(serve_dir), read_only=False)],
                 labels={LABEL_PROJECT: str(getattr(t.project, "name", "") or "project"), LABEL_ROLE: "serve",
-                        LABEL_SERVE_DIR: str(serve_dir)},
-            )
+                        LABEL_SERVE_DIR: str(serve_dir)})
+            container = self.client().containers.run(**spec.sdk_kwargs())  # the one container specification
         except docker.errors.APIError as exc:
             leftover = self._get(name)  # created, but it would not start
             if leftover is not None:

@@ -332,6 +332,7 @@ def test_flipped_bytes_in_an_input_are_found_by_the_run_that_uses_it(trained):
     checks every sha256, the run fails with one line, the damaged result is removed and recomputed."""
     trained.doit()
     result = current_result(trained, "promote")
+    assert result.name != "None", "promote's key: an input has no result"
     victim = result / "promotion.json"
     data = bytearray(victim.read_bytes())
     data[1] ^= 0x01
@@ -557,13 +558,15 @@ def test_sigterm_to_a_doit_waiting_for_the_run_lock_is_one_line(tmp_path):
 
     root = make_project(tmp_path / "proj", stage_code=slow_stage_code(tmp_path))
     env = {**doit_env(), "PID_FILE": str(tmp_path / "first.pid")}
-    first = subprocess.Popen([DOIT, "data"], cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pass_pid = "backends.local.pass_env=PID_FILE"  # stages see only what they are given
+    first = subprocess.Popen([DOIT, "data", pass_pid], cwd=root, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
         while not (tmp_path / "first.pid").exists():
             assert first.poll() is None and time.monotonic() < deadline
             time.sleep(0.1)
-        second = subprocess.Popen([DOIT, "data"], cwd=root, env={**env, "PID_FILE": str(tmp_path / "second.pid")},
+        second = subprocess.Popen([DOIT, "data", pass_pid], cwd=root, env={**env, "PID_FILE": str(tmp_path / "second.pid")},
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             deadline = time.monotonic() + 60

@@ -9,14 +9,14 @@ The Workflow's DAG is the doit graph (``Pipeline.stages`` and their inputs):
 * a stage that runs in the orchestrator (register, deploy, promote) is a **container template** in the
   *runner image* (the project image plus mlflowctl and the project's ``dodo.py``/``tasks/``, see
   :data:`RUNNER_DOCKERFILE`): ``python -m mlflowctl_plugins.argo_step STAGE`` runs that stage's action
-  on the claim, mounted as the Workflow's volume;
+  with the project's store and serving target, as the pod's service account;
 * the hyperparameters (every stage setting that reaches a stage as an environment variable) are
   workflow parameters (``argo submit -p train_model-epochs=3``); ``workers`` is not one, it decides the
   template's kind.
 
 Stages exchange results through a workspace of the run on the store's claim,
-``<store path>/argo/<workflow name>/<stage>``; ``register`` (``argo_step``) records the version in the
-store's registry, ``models/<name>/<N>/`` on the claim, exactly as doit's register does, so
+``<store path>/argo/<workflow name>/<stage>`` (the claim is the Workflow's volume); ``register``
+(``argo_step``) records the version in the store's registry exactly as doit's register does, so
 ``mlflowctl models`` lists it. Hera is imported only here, when the command runs.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ RUNNER_DOCKERFILE = """\
 FROM {image}
 COPY mlflowctl-src /opt/mlflowctl-src
 RUN pip install --no-cache-dir --no-deps /opt/mlflowctl-src \
- && pip install --no-cache-dir 'pluggy>=1.3' 'doit>=0.36' 'PyYAML>=6' 'requests>=2.28'
+ && pip install --no-cache-dir 'pluggy>=1.3' 'doit>=0.36' 'PyYAML>=6' 'requests>=2.28' 'kubernetes>=28'
 COPY project /project
 """
 
@@ -140,7 +140,7 @@ def build_workflow(pipeline: Any, targets: list[str] | None = None, runner: str 
                 name=_template_name(name), action="create", set_owner_reference=True,
                 manifest=yaml.safe_dump(manifest, sort_keys=False), success_condition=ok, failure_condition=failed))
         else:
-            env = [Env(name="MLFLOWCTL_ARGO_STORE", value=f"file://{STORE_MOUNT}/{base}" if base else f"file://{STORE_MOUNT}"),
+            env = [Env(name="MLFLOWCTL_ARGO_IMAGE", value=image),
                    Env(name="MLFLOWCTL_ARGO_WORKSPACE", value=f"{STORE_MOUNT}/{'/'.join(filter(None, [base, WORKSPACE]))}"),
                    Env(name="MLFLOWCTL_ARGO_INPUTS", value=json.dumps({e: up for e, up in stage.inputs})),
                    Env(name="MLFLOWCTL_ARGO_OUTPUT", value=name),

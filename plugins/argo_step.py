@@ -3,10 +3,11 @@
 Runs in the runner image (the project image + mlflowctl + the project's ``dodo.py``, ``tasks/`` and
 ``mlflowctl.yaml`` under ``/project``) with the store's claim mounted: the stage's action (register,
 deploy, promote: the same function doit runs) gets its inputs from the run's workspace on the claim and
-writes its output there; the store it records into (the model registry) is the claim itself, as a
-``file://`` store at the mount, the same files the project's ``pvc://`` store serves.
+writes its output there. It works with the project's own store (``pvc://``: its store server) and serving
+target through the API server, as the pod's service account (``mlflowctl setup`` creates one with exactly
+the rights a run needs: ``backends.k8s.service_account: mlflowctl``).
 
-Environment (set by ``mlflowctl export argo``): ``MLFLOWCTL_ARGO_STORE`` (the store URL at the mount),
+Environment (set by ``mlflowctl export argo``): ``MLFLOWCTL_ARGO_IMAGE`` (the project image),
 ``MLFLOWCTL_ARGO_WORKSPACE`` (the run's folder), ``MLFLOWCTL_ARGO_INPUTS`` (JSON: env name -> upstream
 stage), ``MLFLOWCTL_ARGO_OUTPUT`` (this stage's folder name) and ``MLFLOWCTL_ARGO_PARAM_<section>__<key>``
 (every workflow parameter: the settings this run used, also those of the stages before). Exit codes are mlflowctl's (errors.py).
@@ -37,7 +38,10 @@ def main(argv: list[str]) -> int:
         from mlflowctl.cli import load_pipeline
         from mlflowctl.pipeline import ActionContext
 
-        overrides = {"store": os.environ["MLFLOWCTL_ARGO_STORE"], "backend": "local"}
+        # the project's own store and backend, reached from inside the cluster: this pod's service account
+        # (no kubeconfig), its namespace, the image as the Workflow names it (nothing built or loaded here)
+        overrides = {"backends.k8s.kubeconfig": "", "backends.k8s.context": "", "backends.k8s.namespace": "",
+                     "backends.k8s.image_load": "", "backends.k8s.image": os.environ["MLFLOWCTL_ARGO_IMAGE"]}
         for var, value in os.environ.items():
             if var.startswith("MLFLOWCTL_ARGO_PARAM_"):
                 section, _, key = var[len("MLFLOWCTL_ARGO_PARAM_"):].partition("__")

@@ -14,12 +14,25 @@ from __future__ import annotations
 import json
 import re
 import threading
+from pathlib import Path
 from typing import Any
 
 from mlflowctl.errors import ConfigError, MlflowctlError, UnavailableError
 
 _QUANTITY = re.compile(r"^([+]?[0-9]+(\.[0-9]*)?|\.[0-9]+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei|[eE][+-]?[0-9]+)?$")
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def _in_cluster(path: str | None) -> bool:
+    """No kubeconfig anywhere, and a pod's service account at hand: use it (in-cluster config)."""
+    import os
+
+    if path or os.environ.get("KUBECONFIG") or Path("~/.kube/config").expanduser().exists():
+        return False
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and Path(SA_DIR, "token").is_file()
 
 
 def check_quantity(value: str) -> str | None:
@@ -86,6 +99,15 @@ class Kube:
             from kubernetes.config.config_exception import ConfigException
 
             path = os.path.expanduser(self.kubeconfig) if self.kubeconfig else None
+            if _in_cluster(path):  # a pod (an exported Argo Workflow's step): its service account
+                configuration = client.Configuration()
+                config.load_incluster_config(client_configuration=configuration)
+                self.context_name = "in-cluster"
+                if not self._namespace:
+                    self._namespace = Path(SA_DIR, "namespace").read_text().strip()
+                configuration.retries = 1
+                self._api = client.ApiClient(configuration)
+                return self._api
             try:
                 contexts, current = config.list_kube_config_contexts(config_file=path)
                 names = [c["name"] for c in contexts or []]
@@ -164,6 +186,8 @@ class Kube:
 
     def check_namespace(self) -> None:
         ns = self.namespace
+        if self.context_name == "in-cluster" and ns == Path(SA_DIR, "namespace").read_text().strip():
+            return  # a pod's own namespace exists (and its Role cannot grant reading namespaces)
         if self.call(f"read namespace {ns}", self.core().read_namespace, ns, not_found=None, _request_timeout=10) is None:
             raise UnavailableError(f"kube context {self.context_name}: namespace {ns!r} does not exist",
                                    hint=f"kubectl create namespace {ns}, or set {self.where}.namespace")

@@ -177,6 +177,20 @@ EXECUTOR_RULES = [  # the emissary executor's minimum (Argo's quick-start Role) 
 ]
 
 
+def failed_logs(kube_cluster, namespace: str) -> dict:
+    """The last lines of every failed pod's main container (what an assertion should show)."""
+    logs = {}
+    for pod in kube_cluster.core.list_namespaced_pod(namespace).items:
+        if pod.status and pod.status.phase == "Failed":
+            container = "main" if any(c.name == "main" for c in pod.spec.containers) else pod.spec.containers[0].name
+            try:
+                text = kube_cluster.core.read_namespaced_pod_log(pod.metadata.name, namespace, container=container)
+            except Exception as exc:  # noqa: BLE001 - no log: say why
+                text = repr(exc)
+            logs[pod.metadata.name] = text[-1500:]
+    return logs
+
+
 def wait_workflow(kube_cluster, namespace: str, name: str, seconds: float) -> dict:
     import time
 
@@ -196,22 +210,25 @@ def wait_workflow(kube_cluster, namespace: str, name: str, seconds: float) -> di
 def test_the_exported_workflow_runs_on_argo_and_registers_what_doit_registers(tmp_path, pvc_claim, docker_client,
                                                                               kube_cluster, argo_controller):
     """`mlflowctl export argo --stage register | argo submit -` on the real controller: data, train_model and
-    train_concept run as the k8s backend's Jobs (resource templates), register runs in the runner image and
-    records version 1 in the claim's registry; `doit register backend=k8s` registers the same version of the
-    same model (same settings, same step count, the same accuracy within TensorFlow's run-to-run noise)."""
+    train_concept run as the k8s backend's Jobs (resource templates); register runs in the runner image as the
+    ServiceAccount `mlflowctl setup` creates, through the project's pvc:// store server, and records version 1;
+    `doit register backend=k8s` registers the same version of the same model (same settings and code, same
+    step count, the same accuracy within TensorFlow's run-to-run noise). (The whole DAG stops at promote: which
+    version the serving target deployed is orchestrator state, kept in each step pod's own .mlflowctl/.)"""
     from kubernetes import client
 
     from kube_fixtures import cluster_script, k8s_settings
     from mlflowctl.cli import load_pipeline
     from mlflowctl_plugins.argo_export import runner_context, runner_image
     from test_e2e import doit, mlflowctl
+    from test_k8s_e2e import SMALL
 
     namespace, claim = pvc_claim
-    config = {"project": "argorun", "model_name": "fmnist", "backend": "k8s", "store": f"pvc://{claim}/argo",
-              "data": {"dataset": "fashion-mnist"}, "train_model": {"epochs": 1, "steps": 40},
-              "train_concept": {"epochs": 1, "steps": 30},
-              "backends": {"k8s": k8s_settings(namespace, image_pull_policy="Never")}}
+    config = {**SMALL, "project": "argorun", "store": f"pvc://{claim}/argo",
+              "stores": {"pvc": {"size": "1Gi", "storage_class": "mlflowctl-test"}},
+              "backends": {"k8s": k8s_settings(namespace, image_pull_policy="Never", service_account="mlflowctl")}}
     root = make_project(tmp_path / "proj", yaml.safe_dump(config, sort_keys=False))
+    mlflowctl(root, "setup")  # ServiceAccount mlflowctl + the Role a run needs (the claim exists already)
     pipeline = load_pipeline(root, {})
     image = pipeline.project.backend.image(print)  # built by the docker backend's code, loaded into the node
     runner = runner_image(pipeline)
@@ -224,15 +241,19 @@ def test_the_exported_workflow_runs_on_argo_and_registers_what_doit_registers(tm
     rbac.create_namespaced_role_binding(namespace, {
         "metadata": {"name": "argo-executor"},
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "argo-executor"},
-        "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": namespace}]})
+        "subjects": [{"kind": "ServiceAccount", "name": "mlflowctl", "namespace": namespace}]})
 
     doc = yaml.safe_load(export(root, "--stage", "register").stdout)
     custom = client.CustomObjectsApi(kube_cluster.api)
     created = custom.create_namespaced_custom_object("argoproj.io", "v1alpha1", namespace, "workflows", doc)
-    wf = wait_workflow(kube_cluster, namespace, created["metadata"]["name"], 1500)
-    nodes = {n["displayName"]: n["phase"] for n in wf["status"].get("nodes", {}).values()}
-    assert wf["status"]["phase"] == "Succeeded", (wf["status"].get("message"), nodes)
-    assert {nodes[s] for s in ("data", "train-model", "train-concept", "register")} == {"Succeeded"}, nodes
+    try:
+        wf = wait_workflow(kube_cluster, namespace, created["metadata"]["name"], 1800)
+        nodes = {n["displayName"]: n["phase"] for n in wf["status"].get("nodes", {}).values()}
+        assert wf["status"]["phase"] == "Succeeded", f"{wf['status'].get('message')} {nodes}\n" + "\n".join(
+            f"--- {pod}:\n{log}" for pod, log in failed_logs(kube_cluster, namespace).items())
+        assert {nodes[s] for s in ("data", "train-model", "train-concept", "register")} == {"Succeeded"}, nodes
+    finally:
+        mlflowctl(root, "serve", "stop", check=False)
     models = mlflowctl(root, "models").stdout
     assert "fmnist" in models and " 1 " in f" {models} ", models
 

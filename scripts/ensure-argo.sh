@@ -113,7 +113,7 @@ EOF
   wait_established workflows.argoproj.io
   local i
   if ! running; then
-    ARGO_NAMESPACE="$NAMESPACE" LEADER_ELECTION_DISABLE=true setsid nohup "$CONTROLLER" \
+    ARGO_NAMESPACE="$NAMESPACE" LEADER_ELECTION_DISABLE=true "$ROOT/scripts/detached" nohup "$CONTROLLER" \
       --kubeconfig "$KUBECONFIG_ADMIN" --namespace "$NAMESPACE" --configmap workflow-controller-configmap \
       --executor-image "$EXECUTOR_IMAGE" --executor-image-pull-policy Never --workflow-workers 4 \
       >>"$LOG" 2>&1 </dev/null 9>&- &

@@ -97,7 +97,7 @@ start() {
   local name="$1"; shift
   if running "$name"; then return 0; fi
   mkdir -p "$STATE/run" "$STATE/logs"
-  setsid nohup "$@" >>"$STATE/logs/$name.log" 2>&1 < /dev/null 8>&- 9>&- &   # not holding our locks
+  "$ROOT/scripts/detached" nohup "$@" >>"$STATE/logs/$name.log" 2>&1 < /dev/null &   # holding no lock of ours
   echo $! > "$(pidfile "$name")"
 }
 

@@ -136,7 +136,7 @@ say "starting dockerd (storage driver $driver, log $LOG)"
 start=$SECONDS
 log_lines="$(wc -l <"$LOG" 2>/dev/null || echo 0)"
 # shellcheck disable=SC2024
-"${SUDO[@]}" setsid nohup dockerd "${args[@]}" </dev/null >>"$LOG" 2>&1 9>&- &
+"${SUDO[@]}" "$(dirname "${BASH_SOURCE[0]}")/detached" nohup dockerd "${args[@]}" </dev/null >>"$LOG" 2>&1 9>&- &
 pid=$!
 
 if wait_for_daemon "$DOCKER_WAIT" "$pid"; then

@@ -50,7 +50,7 @@ up() {
   wait_established tfjobs.kubeflow.org
   local i
   if ! running; then
-    setsid nohup "$BINARY" --kubeconfig "$KUBECONFIG_ADMIN" --enable-scheme=tfjob \
+    "$(dirname "${BASH_SOURCE[0]}")/detached" nohup "$BINARY" --kubeconfig "$KUBECONFIG_ADMIN" --enable-scheme=tfjob \
       --metrics-bind-address "127.0.0.1:$(free_port)" --health-probe-bind-address "127.0.0.1:$(free_port)" \
       >>"$LOG" 2>&1 </dev/null 9>&- &
     echo $! >"$PIDFILE"

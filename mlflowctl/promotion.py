@@ -121,7 +121,7 @@ def promote_version(project: Any, ctx: Any) -> None:
 
 
 def _summary(report: dict[str, Any]) -> dict[str, Any]:
-    return {k: report.get(k) for k in ("accuracy", "min_accuracy", "ood_rate", "latency_ms") if k in report}
+    return {k: report.get(k) for k in ("accuracy", "min_accuracy", "ood_rate", "latency_ms", "samples") if k in report}
 
 
 def rollback(project: Any) -> int:

@@ -116,12 +116,17 @@ def _split_action(args: Any) -> None:
     actions = [w for w in args.words if "=" not in w]
     args.overrides = [w for w in args.words if "=" in w]
     choices = args.action_choices
-    if len(actions) != 1 or actions[0] not in choices:
-        got = f"got {' '.join(actions)!r}" if actions else "got none"
-        print(f"mlflowctl {args.command}: expected one of {', '.join(choices)} (and key=value overrides), {got}",
-              file=sys.stderr)
-        raise SystemExit(EXIT_CONFIG)
-    args.action = actions[0]
+    if len(actions) == 1 and actions[0] in choices:
+        args.action = actions[0]
+        return
+    if len(actions) == 1:
+        problem = f"invalid choice: {actions[0]!r} (choose from {', '.join(choices)})"
+    else:
+        got = f", got {' '.join(actions)!r}" if actions else " (key=value overrides may come before or after it)"
+        problem = f"expected one of {', '.join(choices)}{got}"
+    print(f"usage: mlflowctl {args.command} {'|'.join(choices)} [key=value ...]", file=sys.stderr)
+    print(f"mlflowctl: argument action: {problem}", file=sys.stderr)
+    raise SystemExit(EXIT_CONFIG)
 
 
 def _project(root: Path, overrides: dict[str, str]) -> Any:

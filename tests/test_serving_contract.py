@@ -226,7 +226,7 @@ def test_serve_accepts_overrides_after_the_action(plugin_path, project_dir):
 
 @pytest.mark.parametrize("args, needle", [
     (["serve"], "expected one of start, stop, status"),
-    (["serve", "restart"], "got 'restart'"),
+    (["serve", "restart"], "argument action: invalid choice: 'restart' (choose from start, stop, status)"),
     (["serve", "start", "stop"], "got 'start stop'"),
 ])
 def test_serve_without_one_action_is_a_usage_error(plugin_path, project_dir, args, needle):

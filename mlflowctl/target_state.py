@@ -1,4 +1,5 @@
-"""A serving target's own state folder: one JSON record, written atomically, changed under a lock.
+"""A serving target's own state folder: one JSON record, written atomically, changed under a lock;
+and :class:`TargetBasics`, what the targets built on it share (the folder, the model name, the runtime).
 
 Third-party targets (and the ``tfserving``, ``seldon``, ``hydrosphere`` distributions) keep what they
 deployed in ``.mlflowctl/serve/<target>/``::
@@ -17,6 +18,7 @@ import contextlib
 import json
 import os
 import tempfile
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -73,3 +75,27 @@ class TargetState:
     def clear(self) -> None:
         with contextlib.suppress(OSError):
             self.file.unlink()
+
+
+class TargetBasics:
+    """A mixin for :class:`mlflowctl.serving.ServingTarget` subclasses (put it first among the bases):
+    ``state`` (``.mlflowctl/serve/<name>/``), ``model_name``, and :meth:`runtime_choice`."""
+
+    name: str
+    project: Any
+    setting: Any
+
+    @cached_property
+    def state(self) -> TargetState:
+        return TargetState(Path(self.project.state_dir) / "serve" / self.name)
+
+    @property
+    def model_name(self) -> str:
+        return str(self.project.model_name)
+
+    def runtime_choice(self, default: str) -> str:
+        """The ``runtime`` setting; ``auto`` is ``k8s`` when the project's backend is k8s, else ``default``."""
+        runtime = str(self.setting("runtime"))
+        if runtime == "auto":
+            return "k8s" if self.project.config["backend"] == "k8s" else default
+        return runtime

@@ -7,10 +7,8 @@ writes is checked with TF Serving's own protobuf (``tensorflow_serving.config``)
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest

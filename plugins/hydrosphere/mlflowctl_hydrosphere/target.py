@@ -40,7 +40,7 @@ from typing import Any
 from mlflowctl.config import Setting
 from mlflowctl.errors import ConfigError, MlflowctlError, UnavailableError
 from mlflowctl.serving import Endpoint, ServingStatus, ServingTarget, VersionStatus
-from mlflowctl.target_state import TargetState
+from mlflowctl.target_state import TargetBasics
 from mlflowctl_hydrosphere import render
 
 CONCEPT_SUFFIX = "-concept"
@@ -60,7 +60,7 @@ def _tar_gz(folder: Path, skip: tuple[str, ...] = ()) -> bytes:
     return buf.getvalue()
 
 
-class HydrosphereTarget(ServingTarget):
+class HydrosphereTarget(TargetBasics, ServingTarget):
     name = "hydrosphere"
     description = ("Hydrosphere Serving 3.x: models and applications through the manager API, predictions "
                    "through the gateway, the concept model as a monitoring metric; hs apply YAML rendered too")
@@ -79,14 +79,9 @@ class HydrosphereTarget(ServingTarget):
 
     def __init__(self, settings: dict[str, Any], project: Any) -> None:
         super().__init__(settings, project)
-        self.state = TargetState(Path(project.state_dir) / "serve" / self.name)
         self._session: Any = None
 
     # ------------------------------------------------------------------ settings
-    @property
-    def model_name(self) -> str:
-        return str(self.project.model_name)
-
     @property
     def base_url(self) -> str:
         url = str(self.setting("url") or "").rstrip("/")

@@ -29,7 +29,7 @@ from mlflowctl.config import Setting
 from mlflowctl.errors import ConfigError, MlflowctlError, UnavailableError
 from mlflowctl.serving import Endpoint, ServingStatus, ServingTarget, VersionStatus
 from mlflowctl.state import pid_alive
-from mlflowctl.target_state import TargetState
+from mlflowctl.target_state import TargetBasics
 
 MODEL_CLASS = "MlflowctlModel"
 MODEL_DIR = Path(__file__).resolve().parent / "model"
@@ -74,7 +74,7 @@ def _log_tail(path: Path, lines: int = 3) -> str:
     return " | ".join(ours[-lines:])[-400:] or "empty log"
 
 
-class SeldonTarget(ServingTarget):
+class SeldonTarget(TargetBasics, ServingTarget):
     name = "seldon"
     description = ("Seldon Core v1: the real seldon-core-microservice locally (its own venv), "
                    "a SeldonDeployment with canary predictors on Kubernetes")
@@ -98,19 +98,11 @@ class SeldonTarget(ServingTarget):
 
     def __init__(self, settings: dict[str, Any], project: Any) -> None:
         super().__init__(settings, project)
-        self.state = TargetState(Path(project.state_dir) / "serve" / self.name)
         self._k8s: Any = None
 
     @property
-    def model_name(self) -> str:
-        return str(self.project.model_name)
-
-    @property
     def runtime_name(self) -> str:
-        runtime = str(self.setting("runtime"))
-        if runtime == "auto":
-            return "k8s" if self.project.config["backend"] == "k8s" else "local"
-        return runtime
+        return self.runtime_choice("local")
 
     def _k8s_runtime(self) -> Any:
         if self._k8s is None:

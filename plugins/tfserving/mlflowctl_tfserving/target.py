@@ -32,7 +32,7 @@ from typing import Any
 from mlflowctl.config import Setting
 from mlflowctl.errors import ConfigError, MlflowctlError, UnavailableError
 from mlflowctl.serving import Endpoint, ServingStatus, ServingTarget, VersionStatus
-from mlflowctl.target_state import TargetState
+from mlflowctl.target_state import TargetBasics
 
 CONFIG_IN_CONTAINER = "/config/models.config"
 ENTRY_SCRIPT = "tf_serving_entrypoint.py"
@@ -72,7 +72,7 @@ def _get_json(url: str, timeout: float = 2.0) -> tuple[int, Any]:
         return 0, str(getattr(exc, "reason", exc))
 
 
-class TFServingTarget(ServingTarget):
+class TFServingTarget(TargetBasics, ServingTarget):
     name = "tfserving"
     description = ("TensorFlow Serving (the tensorflow/serving container, or a Deployment + Service on k8s) "
                    "serving the registry folder; versions and labels through a model_config_file")
@@ -93,21 +93,13 @@ class TFServingTarget(ServingTarget):
 
     def __init__(self, settings: dict[str, Any], project: Any) -> None:
         super().__init__(settings, project)
-        self.state = TargetState(Path(project.state_dir) / "serve" / self.name)
         self._backend: Any = None
         self._k8s: Any = None
 
     # ------------------------------------------------------------------ settings, names, URLs
     @property
-    def model_name(self) -> str:
-        return str(self.project.model_name)
-
-    @property
     def runtime_name(self) -> str:
-        runtime = str(self.setting("runtime"))
-        if runtime == "auto":
-            return "k8s" if self.project.config["backend"] == "k8s" else "docker"
-        return runtime
+        return self.runtime_choice("docker")
 
     @property
     def url(self) -> str:

@@ -9,15 +9,15 @@ Standard library only at import time.
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
 import re
 import socket
-import tempfile
 from pathlib import Path
 from typing import Any, Protocol
+
+from mlflowctl.target_state import write_json_atomic  # noqa: F401  (shared; the runtimes import it from here)
 
 SERVER_SCRIPT = "serve.py"
 STOP_TIMEOUT = 10.0
@@ -68,22 +68,6 @@ def read_json(path: Path, default: Any) -> Any:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return default
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def is_our_server(pid: int, routing_file: Path | None = None) -> bool:

@@ -6,9 +6,11 @@ tests/serving_fixtures.py; every loop is bounded.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -424,8 +426,11 @@ def test_batching_gives_the_batch_1_answers_and_drift_adds_up(server, batching_s
     want = [rest_predict(server, x[i:i + 1]) for i in range(64)]  # batch-1 answers, unbatched server
     before = drift(batching_server)
     barrier_session = [requests.Session() for _ in range(64)]
+    start_together = threading.Barrier(64)
 
     def one(i: int) -> np.ndarray:
+        with contextlib.suppress(threading.BrokenBarrierError):
+            start_together.wait(timeout=10)  # all 64 in flight at once, so the batcher has something to merge
         r = barrier_session[i].post(f"{batching_server.url}/v1/models/{NAME}/versions/2:predict",
                                     data=json.dumps({"instances": x[i:i + 1].tolist()}), timeout=60)
         assert r.status_code == 200, r.text
@@ -433,8 +438,6 @@ def test_batching_gives_the_batch_1_answers_and_drift_adds_up(server, batching_s
 
     with ThreadPoolExecutor(64) as pool:
         got = list(pool.map(one, range(64)))
-    for s in barrier_session:
-        s.close()
     for i in range(64):
         np.testing.assert_array_equal(got[i], want[i], err_msg=f"client {i}")
     after = drift(batching_server)
@@ -444,8 +447,17 @@ def test_batching_gives_the_batch_1_answers_and_drift_adds_up(server, batching_s
     assert after["outliers"] - before["outliers"] == expected_outliers
     stats = after["versions"]["2"]["batching"]
     assert stats["requests"] - (before["versions"]["2"]["batching"]["requests"]) == 64
-    assert stats["largest_batch"] > 1 and stats["batches"] < stats["requests"]  # requests really shared calls
     assert after["versions"]["1"]["batching"] is None  # opted out in the routing file
+    for _ in range(3):  # a loaded machine may serialise one round's clients: give the batcher up to 3 more rounds
+        if stats["largest_batch"] > 1:
+            break
+        start_together.reset()
+        with ThreadPoolExecutor(64) as pool:
+            assert all(np.array_equal(g, w) for g, w in zip(pool.map(one, range(64)), want))
+        stats = drift(batching_server)["versions"]["2"]["batching"]
+    for session in barrier_session:
+        session.close()
+    assert stats["largest_batch"] > 1 and stats["batches"] < stats["requests"]  # requests really shared calls
 
 
 def test_batching_mixed_requests_each_get_their_own_answer(server, batching_server):

@@ -17,7 +17,10 @@ The Workflow's DAG is the doit graph (``Pipeline.stages`` and their inputs):
 Stages exchange results through a workspace of the run on the store's claim,
 ``<store path>/argo/<workflow name>/<stage>`` (the claim is the Workflow's volume); ``register``
 (``argo_step``) records the version in the store's registry exactly as doit's register does, so
-``mlflowctl models`` lists it. Hera is imported only here, when the command runs.
+``mlflowctl models`` lists it. The orchestrator steps share one state folder, the project's ``.mlflowctl/``
+(which version the serving target deployed, its routing claims): ``<store path>/argo/.mlflowctl`` on the
+claim, mounted at ``/project/.mlflowctl`` (a ``subPath``; the kubelet creates it), kept across workflows
+as a laptop keeps its ``.mlflowctl/``. Hera is imported only here, when the command runs.
 """
 from __future__ import annotations
 
@@ -27,9 +30,12 @@ from typing import Any
 
 from mlflowctl.backends import StageRun, StoreLocation
 from mlflowctl.errors import ConfigError, MlflowctlError
+from mlflowctl.state import STATE_DIR
 
 WORKSPACE = "argo/{{workflow.name}}"     # on the claim, under the store's path
 STORE_MOUNT = "/mnt/store"               # where container templates mount the claim
+STATE = "argo/.mlflowctl"                # on the claim, under the store's path: the orchestrator steps' state folder
+RUNNER_PROJECT = "/project"              # the project in the runner image (argo_step's PROJECT)
 RUNNER_DOCKERFILE = """\
 # the runner image of `mlflowctl export argo`: the project image + mlflowctl + the project's pipeline
 FROM {image}
@@ -149,7 +155,11 @@ def build_workflow(pipeline: Any, targets: list[str] | None = None, runner: str 
             templates[name] = (Container, dict(
                 name=_template_name(name), image=runner, image_pull_policy=backend.setting("image_pull_policy"),
                 command=["python", "-m", "mlflowctl_plugins.argo_step", name], env=env,
-                volume_mounts=[{"name": "store", "mountPath": STORE_MOUNT}]))
+                volume_mounts=[{"name": "store", "mountPath": STORE_MOUNT},
+                               # one .mlflowctl/ for every orchestrator step (and every workflow of this
+                               # project): which version the serving target deployed, its routing, as on a laptop
+                               {"name": "store", "mountPath": f"{RUNNER_PROJECT}/{STATE_DIR}",
+                                "subPath": "/".join(filter(None, [base, STATE]))}]))
     project_name = str(project.name)
     with Workflow(
         generate_name=f"mlflowctl-{_dns(project_name)}-", entrypoint="pipeline", namespace=None,

@@ -1,7 +1,8 @@
 """``python -m mlflowctl_plugins.argo_step STAGE``: one orchestrator stage of an exported Argo Workflow.
 
 Runs in the runner image (the project image + mlflowctl + the project's ``dodo.py``, ``tasks/`` and
-``mlflowctl.yaml`` under ``/project``) with the store's claim mounted: the stage's action (register,
+``mlflowctl.yaml`` under ``/project``) with the store's claim mounted, and ``/project/.mlflowctl`` a folder on it
+shared by every orchestrator step of the project (``argo_export.STATE``): the stage's action (register,
 deploy, promote: the same function doit runs) gets its inputs from the run's workspace on the claim and
 writes its output there. It works with the project's own store (``pvc://``: its store server) and serving
 target through the API server, as the pod's service account (``mlflowctl setup`` creates one with exactly

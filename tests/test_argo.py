@@ -103,6 +103,9 @@ def test_the_workflow_is_the_doit_graph_and_validates_against_the_crd(project, w
         assert job["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"] == {"claimName": "store"}
     for name in ("register", "deploy", "promote"):
         assert templates[name]["container"]["image"] == "example/img-runner:1"
+        # every orchestrator step has the same .mlflowctl/: a folder on the claim, per project (not per workflow)
+        mounts = {m["mountPath"]: m.get("subPath") for m in templates[name]["container"]["volumeMounts"]}
+        assert mounts == {"/mnt/store": None, "/project/.mlflowctl": "exp/argo/.mlflowctl"}, mounts
     assert spec["volumes"] == [{"name": "store", "persistentVolumeClaim": {"claimName": "store"}}]
     # hyperparameters are workflow parameters, and the Job's env reads them
     params = {p["name"]: p["value"] for p in spec["arguments"]["parameters"]}
@@ -207,18 +210,20 @@ def wait_workflow(kube_cluster, namespace: str, name: str, seconds: float) -> di
 
 
 @pytest.mark.slow
-def test_the_exported_workflow_runs_on_argo_and_registers_what_doit_registers(tmp_path, pvc_claim, docker_client,
-                                                                              kube_cluster, argo_controller):
-    """`mlflowctl export argo --stage register | argo submit -` on the real controller: data, train_model and
-    train_concept run as the k8s backend's Jobs (resource templates); register runs in the runner image as the
-    ServiceAccount `mlflowctl setup` creates, through the project's pvc:// store server, and records version 1;
-    `doit register backend=k8s` registers the same version of the same model (same settings and code, same
-    step count, the same accuracy within TensorFlow's run-to-run noise). (The whole DAG stops at promote: which
-    version the serving target deployed is orchestrator state, kept in each step pod's own .mlflowctl/.)"""
+def test_the_exported_workflow_runs_on_argo_to_promote_and_registers_what_doit_registers(
+        tmp_path, pvc_claim, docker_client, kube_cluster, argo_controller):
+    """`mlflowctl export argo | argo submit -` (the whole DAG) on the real controller: data, train_model,
+    train_concept, integration_test and monitor run as the k8s backend's Jobs (resource templates); register,
+    deploy and promote run in the runner image as the ServiceAccount `mlflowctl setup` creates, through the
+    project's pvc:// store server, sharing one .mlflowctl/ on the claim (deploy's record of the version it
+    deployed is what promote reads); every node succeeds, and the version promoted to stable is the one
+    registered. `doit register backend=k8s` registers the same version of the same model (same settings and
+    code, same step count, the same accuracy within TensorFlow's run-to-run noise)."""
     from kubernetes import client
 
     from kube_fixtures import cluster_script, k8s_settings
     from mlflowctl.cli import load_pipeline
+    from mlflowctl.project import Project
     from mlflowctl_plugins.argo_export import runner_context, runner_image
     from test_e2e import doit, mlflowctl
     from test_k8s_e2e import SMALL
@@ -243,24 +248,32 @@ def test_the_exported_workflow_runs_on_argo_and_registers_what_doit_registers(tm
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "argo-executor"},
         "subjects": [{"kind": "ServiceAccount", "name": "mlflowctl", "namespace": namespace}]})
 
-    doc = yaml.safe_load(export(root, "--stage", "register").stdout)
+    doc = yaml.safe_load(export(root).stdout)  # the whole DAG
+    tasks = {t["name"] for t in next(t for t in doc["spec"]["templates"] if t["name"] == "pipeline")["dag"]["tasks"]}
+    assert tasks == {s.replace("_", "-") for s in pipeline.stages}, tasks
     custom = client.CustomObjectsApi(kube_cluster.api)
     created = custom.create_namespaced_custom_object("argoproj.io", "v1alpha1", namespace, "workflows", doc)
     try:
-        wf = wait_workflow(kube_cluster, namespace, created["metadata"]["name"], 1800)
+        wf = wait_workflow(kube_cluster, namespace, created["metadata"]["name"], 2400)
         nodes = {n["displayName"]: n["phase"] for n in wf["status"].get("nodes", {}).values()}
         assert wf["status"]["phase"] == "Succeeded", f"{wf['status'].get('message')} {nodes}\n" + "\n".join(
             f"--- {pod}:\n{log}" for pod, log in failed_logs(kube_cluster, namespace).items())
-        assert {nodes[s] for s in ("data", "train-model", "train-concept", "register")} == {"Succeeded"}, nodes
-    finally:
-        mlflowctl(root, "serve", "stop", check=False)
+        assert {nodes[t] for t in tasks} == {"Succeeded"}, nodes
+    finally:  # the model server deploy started (the namespace goes at the end; free the CPU for doit now)
+        apps = client.AppsV1Api(kube_cluster.api)
+        for dep in apps.list_namespaced_deployment(namespace).items:
+            if "-serve-" in dep.metadata.name:
+                apps.delete_namespaced_deployment(dep.metadata.name, namespace, propagation_policy="Background")
     models = mlflowctl(root, "models").stdout
     assert "fmnist" in models and " 1 " in f" {models} ", models
+    # promote made the registered version stable: it read deploy's record from the shared .mlflowctl/
+    store = Project(root).store
+    registered = json.loads(store.read_bytes(f"argo/{created['metadata']['name']}/register/version.json"))["version"]
+    assert registered == 1 and Project(root).models.labels().get("stable") == registered, Project(root).models.labels()
+    assert store.read_bytes("argo/.mlflowctl/serve/server.json"), "the orchestrator steps' state is not on the claim"
 
     # doit backend=k8s, the same project into another store path on the claim: the same version (1) of the same
     # model (TensorFlow's CPU training is not bit-reproducible, so the files differ; the metrics do not)
-    from mlflowctl.project import Project
-
     argo_meta = json.loads(Project(root).store.read_bytes("models/fmnist/1/metadata.json"))
     proc = doit(root, "register", f"store=pvc://{claim}/doit", timeout=1500)
     assert "registered fmnist version 1" in proc.stdout, proc.stdout[-3000:]

@@ -53,24 +53,24 @@ def param_name(section: str, key: str) -> str:
 
 def parameters(pipeline: Any) -> list[tuple[str, str, str, str]]:
     """(parameter, env var, value, description) of every stage setting a stage gets as environment."""
-    from mlflowctl.config import SCHEMA, Setting
+    from mlflowctl.config import Setting
 
     out: list[tuple[str, str, str, str]] = []
     seen: set[str] = set()
     config = pipeline.project.config
     for stage in pipeline.stages.values():
-        section = stage.section
-        if not section or section in seen or not isinstance(SCHEMA.get(section), dict):
+        section = stage.section  # the stage's own settings, as it declares them (tasks/)
+        if not section or section in seen:
             continue
         seen.add(section)
-        for key, spec in SCHEMA[section].items():
-            if not isinstance(spec, Setting) or not spec.env or spec.secret:
+        for key, spec in stage.settings.items():
+            if not isinstance(spec, Setting) or spec.secret:
                 continue
             if stage.replicas and key == stage.replicas:
                 continue  # the replica count decides the template (Job or TFJob): fixed at export
             value = config[section][key]
             text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-            out.append((param_name(section, key), spec.env, text, spec.help))
+            out.append((param_name(section, key), spec.env or key.upper(), text, spec.help))
     return out
 
 

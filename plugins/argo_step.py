@@ -60,7 +60,9 @@ def main(argv: list[str]) -> int:
             _describe(pipeline, up, inputs[env])
         output = workspace / os.environ.get("MLFLOWCTL_ARGO_OUTPUT", name)
         output.mkdir(parents=True, exist_ok=True)
-        stage.action(pipeline.project, ActionContext(name, inputs, output, _Log(), {}))  # type: ignore[arg-type]
+        ctx = ActionContext(name, inputs, output, _Log(), {},  # type: ignore[arg-type]
+                            registration=stage.registers, producers=dict(stage.inputs))  # as Pipeline._run_action
+        stage.action(pipeline.project, ctx)
         return 0
     except MlflowctlError as exc:
         print(f"mlflowctl: {exc}", file=sys.stderr)

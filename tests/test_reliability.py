@@ -419,8 +419,7 @@ def test_cli_bad_input_exits_3_and_a_closed_pipe_is_not_an_error(root):
     mlflowctl_bin = str(VENV_BIN / "mlflowctl")
     bad = subprocess.run([mlflowctl_bin, "serve", "reboot"], cwd=root, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 3 and "Traceback" not in bad.stderr
-    assert bad.stderr.strip().splitlines()[-1] == ("mlflowctl serve: expected one of start, stop, status "
-                                                   "(and key=value overrides), got 'reboot'")
+    assert bad.stderr.strip().splitlines()[-1].startswith("mlflowctl: argument action: invalid choice: 'reboot'")
     project = make_project(root / "proj")
     proc = subprocess.Popen(f"{mlflowctl_bin} status | head -c 1", shell=True, cwd=project, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, executable="/bin/bash")

@@ -69,9 +69,13 @@ def test_contract_deploy_without_a_label(serving_kit):
 
 def test_contract_canary_weight_routes_unlabelled_traffic(serving_kit):
     kit = serving_kit
-    if not kit.supports_weights:
-        pytest.skip("the target does not route by canary weight (ServingKit.supports_weights=False)")
     _baseline(kit)
+    if not kit.supports_weights:  # its documented answer instead: a traffic share is refused, nothing changes
+        with pytest.raises(MlflowctlError):
+            kit.target.deploy(kit.versions[2], label="canary", weight=1.0)
+        assert "canary" not in kit.target.status().labels
+        assert [kit.predict(kit.target.endpoint()) for _ in range(CANARY_REQUESTS)] == [kit.answers[1]] * CANARY_REQUESTS
+        return
     kit.target.deploy(kit.versions[2], label="canary", weight=1.0)
     default = kit.target.endpoint()
     assert [kit.predict(default) for _ in range(CANARY_REQUESTS)] == [kit.answers[2]] * CANARY_REQUESTS

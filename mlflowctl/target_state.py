@@ -22,6 +22,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator
 
+from mlflowctl.errors import MlflowctlError
+
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write ``data`` as JSON to ``path`` all at once (temporary file + fsync + rename)."""
@@ -92,6 +94,15 @@ class TargetBasics:
     @property
     def model_name(self) -> str:
         return str(self.project.model_name)
+
+    def checked_number(self, version: Any, weight: float) -> int:
+        """``deploy``'s argument checks: the version is of this project's model and ``weight`` is a share
+        (0..1); the version's number. One line (:class:`MlflowctlError`) otherwise."""
+        if getattr(version, "name", self.model_name) != self.model_name:
+            raise MlflowctlError(f"this project serves model {self.model_name!r}, not {version.name!r}")
+        if not 0.0 <= float(weight or 0.0) <= 1.0:
+            raise MlflowctlError(f"canary weight must be between 0 and 1, got {weight}")
+        return int(version.number)
 
     def runtime_choice(self, default: str) -> str:
         """The ``runtime`` setting; ``auto`` is ``k8s`` when the project's backend is k8s, else ``default``."""

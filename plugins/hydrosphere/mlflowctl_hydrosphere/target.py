@@ -281,11 +281,7 @@ class HydrosphereTarget(TargetBasics, ServingTarget):
         self._call("GET", "/api/v2/application")  # reachable, and the manager API answers
 
     def deploy(self, version: Any, label: str | None = "canary", weight: float = 0.0) -> Endpoint:
-        number = int(version.number)
-        if getattr(version, "name", self.model_name) != self.model_name:
-            raise MlflowctlError(f"this project serves model {self.model_name!r}, not {version.name!r}")
-        if not 0.0 <= float(weight or 0.0) <= 1.0:
-            raise MlflowctlError(f"canary weight must be between 0 and 1, got {weight}")
+        number = self.checked_number(version, weight)
         with self.state.locked():
             before = self._record()
             rec = json.loads(json.dumps(before))

@@ -208,11 +208,7 @@ class SeldonTarget(TargetBasics, ServingTarget):
                                    "<repo>/.venv-seldon/bin/seldon-core-microservice")
 
     def deploy(self, version: Any, label: str | None = "canary", weight: float = 0.0) -> Endpoint:
-        number = int(version.number)
-        if getattr(version, "name", self.model_name) != self.model_name:
-            raise MlflowctlError(f"this project serves model {self.model_name!r}, not {version.name!r}")
-        if not 0.0 <= float(weight or 0.0) <= 1.0:
-            raise MlflowctlError(f"canary weight must be between 0 and 1, got {weight}")
+        number = self.checked_number(version, weight)
         if self.runtime_name == "k8s":
             return self._k8s_runtime().deploy(number, label, float(weight or 0.0))
         if weight and float(weight) > 0:

@@ -268,11 +268,23 @@ ensure_firewall() {  # pods reach each other and this machine; nothing they send
   iptables -w -A "$FW_CHAIN" -s "$POD_CIDR" -j DROP
   iptables -w -A "$FW_CHAIN" -d "$POD_CIDR" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
   iptables -w -C FORWARD -j "$FW_CHAIN" 2>/dev/null || iptables -w -I FORWARD 1 -j "$FW_CHAIN"
-  # pods reach the API server through the kubernetes Service (in-cluster clients: Argo's executor); the API
-  # server listens on loopback only, so that one address is DNATed to 127.0.0.1:6443 before kube-proxy's
-  # rules (route_localnet on the bridge, ensure_bridge, lets the kernel deliver it)
-  iptables -w -t nat -C PREROUTING $API_DNAT 2>/dev/null || iptables -w -t nat -I PREROUTING 1 $API_DNAT
 }
+
+api_dnat_first() {  # pods reach the API server through the kubernetes Service (in-cluster clients: Argo's
+  # executor). The API server listens on loopback only, so that one address is DNATed to 127.0.0.1:6443
+  # (route_localnet on the bridge, ensure_bridge, lets the kernel deliver it). DNAT ends the chain, so the rule
+  # must come BEFORE kube-proxy's "kubernetes service portals" jump, which kube-proxy prepends whenever it
+  # finds it missing (every start after a teardown): called once kube-proxy has synced, it moves the rule first.
+  [ "$(iptables -w -t nat -S PREROUTING | sed -n 2p)" = "-A PREROUTING $(api_dnat_rule)" ] && return 0
+  while iptables -w -t nat -D PREROUTING $API_DNAT 2>/dev/null; do :; done
+  iptables -w -t nat -I PREROUTING 1 $API_DNAT
+}
+
+api_dnat_rule() {  # the rule as `iptables -S` prints it
+  echo "-s $POD_CIDR -d 10.96.0.1/32 -p tcp -m tcp --dport 443 -m comment --comment mlflowctl-api -j DNAT --to-destination 127.0.0.1:6443"
+}
+
+kube_proxy_synced() { iptables -w -t nat -S PREROUTING | grep -q -- '-j KUBE-SERVICES'; }
 
 ensure_node_files() {
   local ip="$1"
@@ -522,6 +534,8 @@ up() {
     --proxy-mode=iptables --cluster-cidr="$POD_CIDR" --bind-address=127.0.0.1 --healthz-bind-address=127.0.0.1:10256 \
     --metrics-bind-address=127.0.0.1:10249 --conntrack-max-per-core=0 --conntrack-tcp-timeout-established=0 \
     --conntrack-tcp-timeout-close-wait=0 --v=1
+  wait_for "kube-proxy's service rules" 60 kube-proxy kube_proxy_synced
+  api_dnat_first
   wait_for "node $NODE Ready" "$WAIT" kubelet \
     bash -c "kubectl --kubeconfig '$KUBECONFIG_ADMIN' --request-timeout=5s get node '$NODE' -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}' | grep -qx True"
   wait_for "the default service account" 60 kube-controller-manager kubectl_ -n default get serviceaccount default

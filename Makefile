@@ -125,7 +125,8 @@ cluster-down:
 
 # ---------------------------------------------------------------- seaweedfs
 # A second S3 server for the store contract tests, built from its Go module
-# (optional: without Go, or if the build fails, those tests are skipped).
+# (optional on a workstation: without Go, or if the build fails, those tests are skipped; under CI that
+# fails). Built once per version into /var/cache/mlflowctl/seaweedfs, linked as .cache/seaweedfs/weed.
 seaweedfs:
 	@if [ -n "$(NO_SEAWEEDFS)" ]; then echo "seaweedfs: skipped (NO_SEAWEEDFS set)"; exit 0; fi; \
 	scripts/build-seaweedfs.sh

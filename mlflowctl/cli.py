@@ -122,6 +122,14 @@ def _main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mlflowctl: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        from mlflowctl.plugin_manager import blame
+
+        line = blame(exc)
+        if line is None:  # the core's own bug: its traceback is the report
+            raise
+        print(f"mlflowctl: {line}", file=sys.stderr)
+        return line.exit_code
 
 
 def _split_action(args: Any) -> None:

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 from mlflowctl.errors import MlflowctlError
 from mlflowctl.pipeline import Interrupted, Pipeline, Stage, install_interrupt_handler
+from mlflowctl.plugin_manager import blame
 from mlflowctl.state import STATE_DIR
 
 
@@ -143,6 +144,11 @@ class DoitPipeline:
             return TaskFailed(f"mlflowctl: {exc}")
         except Interrupted as exc:  # SIGTERM/Ctrl-C with no stage process to cancel: a failed task, not a traceback
             return TaskFailed(exc.line(name))
+        except Exception as exc:
+            line = blame(exc)
+            if line is None:  # the core's own bug: doit shows its traceback
+                raise
+            return TaskFailed(f"mlflowctl: {line}")
         return None
 
 
@@ -167,6 +173,9 @@ class _Uptodate:
             if not complete and self.tasks.preflight(stage):  # waited for another run: it may have made the result
                 complete = p.is_complete(stage)
             return complete
-        except MlflowctlError as exc:
-            print(f"mlflowctl: {exc}", file=sys.stderr)
-            raise SystemExit(exc.exit_code) from None
+        except Exception as exc:
+            line = exc if isinstance(exc, MlflowctlError) else blame(exc)
+            if line is None:
+                raise
+            print(f"mlflowctl: {line}", file=sys.stderr)
+            raise SystemExit(line.exit_code) from None

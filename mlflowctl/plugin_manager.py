@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,11 +126,16 @@ def _guarded_hook(plugin: str, hook: str, function: Any) -> Any:
         except MlflowctlError:
             raise
         except Exception as exc:  # noqa: BLE001 - a plugin's bug: one line, exit 4, no traceback
-            text = " ".join(str(exc).split())[:300]
-            raise PluginError(f'plugin "{plugin}" failed in {hook}: {type(exc).__name__}' + (f": {text}" if text else ""),
-                              hint=f"a bug in that plugin; fix or uninstall it, or set {DISABLE_ENV}={plugin}") from exc
+            raise plugin_bug(plugin, hook, exc) from exc
 
     return guarded
+
+
+def plugin_bug(plugin: str, where: str, exc: BaseException) -> PluginError:
+    """The one line (exit 4) for ``exc``, an unexpected exception of plugin ``plugin``'s ``where``."""
+    text = " ".join(str(exc).split())[:300]
+    return PluginError(f'plugin "{plugin}" failed in {where}: {type(exc).__name__}' + (f": {text}" if text else ""),
+                       hint=f"a bug in that plugin; fix or uninstall it, or set {DISABLE_ENV}={plugin}")
 
 
 def register(pm: PluginManager, module_name: str, name: str, source: str, loader: Any = None) -> None:
@@ -194,9 +200,37 @@ def build_plugin_manager(extra_plugins: tuple[Any, ...] = (), load_entry_points:
     return pm
 
 
+#: module name -> the plugin whose code it is: each plugin's own module and the modules of the classes it
+#: added (process-wide: blame() is asked where no plugin manager is at hand, e.g. the CLI's last resort)
+PLUGIN_MODULES: dict[str, str] = {}
+
+
+def blame(exc: BaseException) -> PluginError | None:
+    """The one line for an unexpected exception that a plugin's code raised, or ``None`` when it was not one.
+
+    Hooks and serving targets are wrapped where they are called; a backend's or a store's methods are not
+    (their callers catch the ``OSError`` a store raises by contract), so the CLI and the doit tasks ask this
+    about any other exception: when a frame of a plugin's module is on its traceback, it becomes
+    ``PluginError`` naming the innermost such plugin and the method through which the core entered it
+    (exit 4, no traceback); otherwise it is the core's own bug and keeps its traceback.
+    """
+    culprit, previous = None, None
+    for frame, _ in traceback.walk_tb(exc.__traceback__):  # outermost first
+        plugin = PLUGIN_MODULES.get(frame.f_globals.get("__name__", ""))
+        if plugin is not None and plugin != previous:  # where the core called into the plugin: its method
+            culprit = (plugin, frame.f_code.co_name)
+        previous = plugin
+    if culprit is None:
+        return None
+    plugin, function = culprit
+    return plugin_bug(plugin, f"{function}()", exc)
+
+
 def _fill_registry(pm: PluginManager) -> None:
     registry = pm.registry
     by_name = {info.name: info for info in pm.infos}
+    for info in pm.infos:
+        PLUGIN_MODULES.setdefault(info.module, info.name)
     for hook_name, kind, table in (
         ("mlflowctl_add_backends", "backend", registry.backends),
         ("mlflowctl_add_stores", "store", registry.stores),
@@ -210,4 +244,6 @@ def _fill_registry(pm: PluginManager) -> None:
             info = by_name.get(impl.plugin_name)
             if info is not None:
                 info.provides.extend(f"{kind} {key}" for key in sorted(set(table) - before))
+            for key in set(table) - before:
+                PLUGIN_MODULES.setdefault(table[key].__module__, impl.plugin_name)
     registry._current_plugin = "?"

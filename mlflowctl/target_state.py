@@ -23,14 +23,16 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from mlflowctl.errors import MlflowctlError
+from mlflowctl.manifest import created_mode
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` all at once (temporary file + fsync + rename)."""
+    """Write ``data`` as JSON to ``path`` all at once (temporary file + fsync + rename), mode as the umask gives."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, created_mode())  # the umask's mode, as open() gives, not mkstemp's 0600
         with os.fdopen(fd, "w") as fh:
             json.dump(data, fh, indent=2, sort_keys=True)
             fh.write("\n")

@@ -30,6 +30,7 @@ from typing import Any
 
 from mlflowctl.backends import StageRun, StoreLocation
 from mlflowctl.errors import ConfigError, MlflowctlError
+from mlflowctl.manifest import created_mode
 from mlflowctl.state import STATE_DIR
 
 WORKSPACE = "argo/{{workflow.name}}"     # on the claim, under the store's path
@@ -231,7 +232,7 @@ def write(doc: dict[str, Any], out: str | None) -> str | None:
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, created_mode())
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)

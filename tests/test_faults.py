@@ -489,6 +489,24 @@ def test_store_files_follow_the_umask_registry_json_like_the_rest(tmp_path, mask
     assert {name: oct(mode) for name, mode in folders.items() if mode != 0o777 & ~mask} == {}
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_serving_target_state_files_follow_the_umask(tmp_path, mask):
+    """A target's state (TargetState, the local server's routing and info files) is written like every other
+    file: the umask's mode, not mkstemp's 0600."""
+    import stat
+
+    from mlflowctl.target_state import TargetState
+
+    old = os.umask(mask)
+    try:
+        state = TargetState(tmp_path / "target")
+        with state.locked():
+            state.write({"versions": {"1": {"path": "models/m/1"}}})
+    finally:
+        os.umask(old)
+    assert oct(stat.S_IMODE((tmp_path / "target" / "state.json").stat().st_mode)) == oct(0o666 & ~mask)
+
+
 # -- the publish boundary, in process (fast) -------------------------------------------------------------
 def test_before_publish_sees_a_complete_output_and_a_veto_publishes_nothing(tmp_path):
     import mlflowctl

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from typing import Any, Callable
 
 EXIT_SETTING = 2
@@ -179,59 +178,6 @@ def _unlink(path: str) -> None:
 
 # --------------------------------------------------------------- TF/Keras bits
 # (TensorFlow is imported by the caller, after settings are validated, and passed in.)
-def epoch_logger(keras, stage: str, epochs: int):
-    """A callback printing one flushed line per epoch: loss and the other metrics."""
-    state = {}
-
-    def begin(epoch, logs=None):
-        state["t"] = time.perf_counter()
-
-    def end(epoch, logs=None):
-        parts = ", ".join(f"{k} {float(v):.4f}" for k, v in sorted((logs or {}).items()))
-        log(stage, f"epoch {epoch + 1}/{epochs}: {parts} ({time.perf_counter() - state['t']:.1f}s)")
-
-    return keras.callbacks.LambdaCallback(on_epoch_begin=begin, on_epoch_end=end)
-
-
-def steps_per_execution(steps: int, most: int = 32) -> int:
-    """Batches per compiled call (fewer Python round-trips: ~30% faster here).
-
-    With a fixed STEPS per epoch it must divide STEPS, or Keras runs past it.
-    """
-    if steps <= 0:
-        return most
-    return max(d for d in range(1, min(steps, most) + 1) if steps % d == 0)
-
-
-def export_savedmodel(tf, keras, model, serve, out_dir: str, name: str = "saved_model") -> str:
-    """Export ``serve`` (images float32 [-1, 784] -> dict of outputs) as the
-    ``serving_default`` signature of a SavedModel at ``out_dir/name``.
-
-    Written to a temp dir and renamed into place, so a failed export never
-    leaves a half-written model behind.
-    """
-    import shutil
-
-    final = os.path.join(out_dir, name)
-    tmp = os.path.join(out_dir, f".{name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        archive = keras.export.ExportArchive()
-        archive.track(model)
-        archive.add_endpoint(
-            name="serving_default",
-            fn=serve,
-            input_signature=[tf.TensorSpec([None, 784], tf.float32, name="images")],
-        )
-        archive.write_out(tmp, verbose=False)
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
 # ------------------------------------------------------------------------- main
 def main(stage: str, fn: Callable[[], None]) -> None:
     """Run ``fn`` and exit: expected errors -> one stderr line + their exit code."""

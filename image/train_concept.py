@@ -23,34 +23,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from common import (  # noqa: E402
     as_features,
-    env_dir,
     env_float,
-    env_int,
-    epoch_logger,
-    export_savedmodel,
     load_split,
     log,
     main,
     make_dir,
-    steps_per_execution,
     write_json_atomic,
 )
+from training import export_savedmodel, fit, steps_per_execution, training_settings  # noqa: E402
 
 STAGE = "train_concept"
 HISTOGRAM_BINS = 50
 
 
 def settings() -> dict:
-    return {
-        "data_dir": env_dir("MNIST_DATA_DIR"),
-        "models_dir": env_dir("MNIST_MODELS_DIR", must_exist=False),
-        "learning_rate": env_float("LEARNING_RATE", 0.001, low=0.0),
-        "epochs": env_int("EPOCHS", 5, minimum=1),
-        "steps": env_int("STEPS", 0, minimum=0),
-        "batch_size": env_int("BATCH_SIZE", 128, minimum=1),
-        "quantile": env_float("THRESHOLD_QUANTILE", 0.99, low=0.0, high=1.0),
-        "seed": env_int("SEED", 42),
-    }
+    return {**training_settings(), "quantile": env_float("THRESHOLD_QUANTILE", 0.99, low=0.0, high=1.0)}
 
 
 def build_model(keras, learning_rate: float, steps: int = 0):
@@ -99,21 +86,7 @@ def run() -> None:
         f"batch_size={cfg['batch_size']} learning_rate={cfg['learning_rate']} seed={cfg['seed']}",
     )
     started = time.perf_counter()
-    model.fit(
-        x_train,
-        x_train,
-        batch_size=cfg["batch_size"],
-        epochs=cfg["epochs"],
-        steps_per_epoch=cfg["steps"] or None,
-        shuffle=True,
-        verbose=0,
-        callbacks=[
-            epoch_logger(keras, STAGE, cfg["epochs"]),
-            keras.callbacks.TensorBoard(
-                log_dir=os.path.join(cfg["models_dir"], "logs"), write_graph=False, profile_batch=0
-            ),
-        ],
-    )
+    fit(keras, model, x_train, x_train, cfg, STAGE, os.path.join(cfg["models_dir"], "logs"))
     train_seconds = time.perf_counter() - started
 
     train_err = reconstruction_errors(model, x_train)

@@ -21,34 +21,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from common import (  # noqa: E402
     as_features,
-    env_dir,
-    env_float,
-    env_int,
-    epoch_logger,
-    export_savedmodel,
     load_split,
     log,
     main,
     make_dir,
     SettingError,
-    steps_per_execution,
     write_json_atomic,
 )
+from training import export_savedmodel, fit, steps_per_execution, training_settings  # noqa: E402
 
 STAGE = "train_model"
 
 
 def settings() -> dict:
     # Read (and validate) everything before importing TensorFlow: a bad value fails in milliseconds.
-    return {
-        "data_dir": env_dir("MNIST_DATA_DIR"),
-        "models_dir": env_dir("MNIST_MODELS_DIR", must_exist=False),
-        "learning_rate": env_float("LEARNING_RATE", 0.001, low=0.0),
-        "epochs": env_int("EPOCHS", 5, minimum=1),
-        "steps": env_int("STEPS", 0, minimum=0),
-        "batch_size": env_int("BATCH_SIZE", 128, minimum=1),
-        "seed": env_int("SEED", 42),
-    }
+    return training_settings()
 
 
 def replica() -> tuple[int, bool]:
@@ -184,19 +171,7 @@ def run() -> None:
             return
     else:
         model = build_model(keras, cfg["learning_rate"], cfg["steps"])
-        model.fit(
-            x_train,
-            y_train,
-            batch_size=cfg["batch_size"],
-            epochs=cfg["epochs"],
-            steps_per_epoch=cfg["steps"] or None,
-            shuffle=True,
-            verbose=0,
-            callbacks=[
-                epoch_logger(keras, STAGE, cfg["epochs"]),
-                keras.callbacks.TensorBoard(log_dir=logs_dir, write_graph=False, profile_batch=0),
-            ],
-        )
+        fit(keras, model, x_train, y_train, cfg, STAGE, logs_dir)
     train_seconds = time.perf_counter() - started
     loss, accuracy = model.evaluate(x_test, y_test, batch_size=1024, verbose=0)
     log(STAGE, f"t10k: loss {loss:.4f}, accuracy {accuracy:.4f} (trained in {train_seconds:.1f}s)")

@@ -5,7 +5,7 @@ from mlflowctl.pipeline import Stage
 TRAIN_CONCEPT = Stage(
     name="train_concept",
     command=("python", "train_concept.py"),
-    code=("train_concept.py", "common.py"),
+    code=("train_concept.py", "training.py", "common.py"),
     inputs=(("MNIST_DATA_DIR", "data"),),
     output="MNIST_MODELS_DIR",
     settings={

@@ -5,7 +5,7 @@ from mlflowctl.pipeline import Stage
 TRAIN_MODEL = Stage(
     name="train_model",
     command=("python", "train_model.py"),
-    code=("train_model.py", "common.py"),
+    code=("train_model.py", "training.py", "common.py"),
     inputs=(("MNIST_DATA_DIR", "data"),),
     output="MNIST_MODELS_DIR",
     settings={

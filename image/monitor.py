@@ -1,8 +1,9 @@
 """Stage ``monitor``: how much of the stable version's live traffic looks out-of-distribution.
 
-Env: ENDPOINT_DIR (input, endpoint.json of the stable version), OUTPUT_DIR (output),
-MAX_DRIFT_RATE (0.5, in [0, 1]), TIMEOUT (10, seconds per request), CONCEPT_DIR (optional input:
-the concept model, ``saved_model/`` + ``threshold.json``, for a target that gives live inputs).
+Env: ENDPOINT_DIR (input: promote's result, endpoint.json of the stable version and that version's own
+concept model in ``concept/``, as the registry holds it), OUTPUT_DIR (output), MAX_DRIFT_RATE (0.5, in
+[0, 1]), TIMEOUT (10, seconds per request), CONCEPT_DIR (optional, for a run by hand: the concept model,
+``saved_model/`` + ``threshold.json``, where ENDPOINT_DIR has no ``concept/``).
 
 The serving target says how drift is had (``mlflowctl.serving``; endpoint.json's fields):
 
@@ -11,7 +12,7 @@ The serving target says how drift is had (``mlflowctl.serving``; endpoint.json's
    live images whose reconstruction error is above the concept model's threshold (test-tagged
    traffic is not in the live statistics); 0 when there is no live traffic yet.
 2. ``inputs_url`` -- the target keeps live inputs: ``GET {inputs_url}`` answers ``{"inputs": [...]}``
-   and this script scores them with the concept model in CONCEPT_DIR itself.
+   and this script scores them with the stable version's concept model itself.
 3. neither -- "drift not available for target X": reported (rate 0, ``available: false``), exit 0.
 
 Outputs in OUTPUT_DIR: drift.json, report.md, drift.png (training vs live reconstruction-error
@@ -42,8 +43,16 @@ def settings() -> dict:
         "output_dir": env_dir("OUTPUT_DIR", must_exist=False),
         "max_rate": env_float("MAX_DRIFT_RATE", 0.5, low=0.0, high=1.0, inclusive=True),
         "timeout": env_float("TIMEOUT", 10.0, low=0.0),
-        "concept_dir": os.environ.get("CONCEPT_DIR", "").strip(),
+        "concept_dir": concept_dir(),
     }
+
+
+def concept_dir() -> str:
+    """The stable version's own concept model (``ENDPOINT_DIR/concept``), else CONCEPT_DIR, else ""."""
+    registered = os.path.join(os.environ.get("ENDPOINT_DIR", "").strip(), "concept")
+    if os.environ.get("ENDPOINT_DIR", "").strip() and os.path.isdir(registered):
+        return registered
+    return os.environ.get("CONCEPT_DIR", "").strip()
 
 
 # ------------------------------------------------------------------- fetch
@@ -97,7 +106,9 @@ def score_inputs(concept_dir: str, inputs, endpoint: dict[str, Any], source: str
 
     import numpy as np
 
-    model_dir = os.path.join(concept_dir, "saved_model")
+    model_dir = os.path.join(concept_dir, "saved_model")  # train_concept's layout; the registry's has it at the top
+    if not os.path.isdir(model_dir):
+        model_dir = concept_dir
     try:
         with open(os.path.join(concept_dir, "threshold.json")) as fh:
             info = json.load(fh)
@@ -322,7 +333,8 @@ def run() -> None:
     if not drift_url(endpoint) and not (endpoint.get("inputs_url") and cfg["concept_dir"]):
         s = not_available(endpoint, cfg["max_rate"])
         if endpoint.get("inputs_url"):
-            s["note"] += " (it gives live inputs, but CONCEPT_DIR names no concept model to score them)"
+            s["note"] += (" (it gives live inputs, but the stable version has no concept model and CONCEPT_DIR"
+                          " names none to score them)")
         write_json_atomic(os.path.join(out, "drift.json"), s)
         plot(os.path.join(out, "drift.png"), {}, s)
         write_markdown(os.path.join(out, "report.md"), s)

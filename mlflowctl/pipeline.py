@@ -359,7 +359,18 @@ class Pipeline:
                         "duration": round(result.duration, 3), "finished_at": time.time(),
                         "run": {"backend": project.backend.name if stage.command else "orchestrator",
                                 **{k: v for k, v in result.detail.items() if isinstance(v, (str, int, float, bool))}}}
-            if in_store:
+            held = stage.still_valid is not None and store.exists(info.path)
+            if held and not in_store and self._replaces(info, out):
+                # it ran because its result no longer held, and says something else now (a promote after
+                # mlflowctl rollback records the restored version): it replaces that one (the project's run lock
+                # keeps other runs out meanwhile). The same content (a re-deploy) keeps the held result, so what
+                # depends on it stays valid.
+                store.delete(info.path)
+                self._digests.clear()
+                held = False
+            if held:
+                published = True  # restored what the held result describes (a re-deploy): that result stays
+            elif in_store:
                 store.put(log_path, f"{out}/_logs/{stage.name}.log")
                 published = store.publish_staged(out, info.path, manifest=manifest)
             else:
@@ -377,6 +388,16 @@ class Pipeline:
                                duration=round(result.duration, 3))
         hook.mlflowctl_after_stage(stage=stage.name, run=run, result=result)
         return result
+
+    def _replaces(self, info: KeyInfo, out: Path) -> bool:
+        """Do the files of the output ``out`` (logs aside) differ from those of the held result at ``info.path``?"""
+        from mlflowctl.manifest import file_manifest
+
+        def payload(files: dict[str, Any]) -> dict[str, Any]:
+            return {name: entry.get("sha256") for name, entry in files.items() if not name.startswith("_logs/")}
+
+        held = self.project.store.read_json(f"{info.path}/{MANIFEST}", default={}) or {}
+        return payload(held.get("files") or {}) != payload(file_manifest(out)["files"])
 
     def _adopt(self, stage: Stage, info: KeyInfo, ours: Any, log_path: Path) -> None:
         """Another run published this key first: keep its result, say so, and undo what only ours stood for."""

@@ -72,12 +72,32 @@ def retire_previous_target(project: Any) -> str | None:
     return retired
 
 
+ROLLED_BACK = "rolled-back"  # the verdict of a version ``mlflowctl rollback`` took off
+#: verdicts of a version withdrawn on purpose: by the gate, or by ``mlflowctl rollback``
+WITHDRAWN = ("rejected", ROLLED_BACK)
+
+
 def deployment_holds(project: Any, result_dir: Path) -> bool:
-    """Is the version this ``deploy`` result stands for still served? (re-deploy if not)."""
+    """Is the version this ``deploy`` result stands for still served? (re-deploy if not).
+
+    A version withdrawn on purpose (the gate rejected it, ``mlflowctl rollback`` took it off) holds as it
+    is: deploying it again would revive what was withdrawn.
+    """
     try:
-        endpoint = json.loads((result_dir / ENDPOINT_FILE).read_text())
-        return project.serving.serves(int(endpoint["version"]))
-    except (OSError, ValueError, KeyError, MlflowctlError):
+        number = int(json.loads((result_dir / ENDPOINT_FILE).read_text())["version"])
+        return project.models.verdict(number).get("state") in WITHDRAWN or project.serving.serves(number)
+    except (OSError, ValueError, KeyError, TypeError, MlflowctlError):
+        return False
+
+
+def promotion_holds(project: Any, result_dir: Path) -> bool:
+    """Does this ``promote`` result still name a served stable version? Not once ``mlflowctl rollback`` took
+    its version off: ``promote`` then runs again, and records the stable version the rollback restored
+    (so ``monitor`` watches the version that serves, with that version's own concept model)."""
+    try:
+        number = int(json.loads((result_dir / ENDPOINT_FILE).read_text())["version"])
+        return project.models.verdict(number).get("state") != ROLLED_BACK
+    except (OSError, ValueError, KeyError, TypeError, MlflowctlError):
         return False
 
 
@@ -88,6 +108,13 @@ def promote_version(project: Any, ctx: Any) -> None:
     models, target = project.models, project.serving
     version = models.get(number)
     previous = models.labels().get("stable")
+    if models.verdict(number).get("state") == ROLLED_BACK:  # taken off by mlflowctl rollback: not promoted again
+        if previous is None:
+            raise MlflowctlError(f"{version.name} version {number} was rolled back and no version is stable",
+                                 hint="mlflowctl models; change a setting to train a new version")
+        ctx.log.line(f"version {number} was rolled back (mlflowctl rollback): version {previous} stays stable")
+        _record_stable(project, ctx, previous, report=None)
+        return
     accuracy, floor = report.get("accuracy"), report.get("min_accuracy")
     reason = None
     if not report.get("passed"):
@@ -115,10 +142,24 @@ def promote_version(project: Any, ctx: Any) -> None:
     if previous and previous != number:
         models.set_verdict(previous, "superseded", f"version {number} promoted")
     models.set_verdict(number, "promoted", f"accuracy {accuracy:.4f} >= floor {floor:.4f}", report=_summary(report))
+    _record_stable(project, ctx, number, report=_summary(report), previous=previous)
+
+
+def _record_stable(project: Any, ctx: Any, number: int, report: dict[str, Any] | None, previous: Any = None) -> None:
+    """promote's result: the stable version's endpoint (``endpoint.json``), ``promotion.json``, and the version's
+    own concept model (``concept/``, as the registry holds it) for the stages that score drift themselves."""
+    import shutil
+
+    from mlflowctl.model_registry import CONCEPT_DIR
+
+    target = project.serving
     stable = endpoint_for_stages(target, target.endpoint())  # the URL a client without a label calls
     ctx.log.line(f"version {number} is stable: {stable.predict_url}")
+    concept = project.store.fetch(project.models.get(number).path) / CONCEPT_DIR
+    if concept.is_dir():
+        shutil.copytree(concept, ctx.output / CONCEPT_DIR)
     _write(ctx.output / ENDPOINT_FILE, {**stable.to_dict(), "version": number})
-    _write(ctx.output / "promotion.json", {"version": number, "previous": previous, "report": _summary(report)})
+    _write(ctx.output / "promotion.json", {"version": number, "previous": previous, "report": report})
 
 
 def _summary(report: dict[str, Any]) -> dict[str, Any]:
@@ -144,7 +185,7 @@ def rollback(project: Any) -> int:
     target.deploy(models.servable(number), label="stable")
     models.set_label("stable", number)
     if current is not None:
-        models.set_verdict(current, "rolled-back", f"mlflowctl rollback restored version {number}")
+        models.set_verdict(current, ROLLED_BACK, f"mlflowctl rollback restored version {number}")
         target.undeploy(current)
     models.set_verdict(number, "promoted", f"restored by rollback from version {current}")
     return number

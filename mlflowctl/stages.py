@@ -34,8 +34,9 @@ def deploy_stage(register: str = "register", name: str = "deploy",
 def promote_stage(gate: str, deploy: str = "deploy", name: str = "promote",
                   doc: str = "promote the version to stable if it passed the gate, else roll it back") -> Stage:
     """Makes the deployed version ``stable`` if the ``gate`` stage's ``report.json`` says ``passed``; keyed by the
-    gate's settings."""
-    from mlflowctl.promotion import REPORT_INPUT, promote_version
+    gate's settings. Its result holds the stable version's ``endpoint.json`` and ``concept/`` (the concept model
+    the version was registered with); after ``mlflowctl rollback`` it runs again and records the restored one."""
+    from mlflowctl.promotion import REPORT_INPUT, promote_version, promotion_holds
 
-    return Stage(name=name, action=promote_version, inputs=((REPORT_INPUT, gate), ("ENDPOINT_DIR", deploy)),
-                 params=gate, doc=doc)
+    return Stage(name=name, action=promote_version, still_valid=promotion_holds,
+                 inputs=((REPORT_INPUT, gate), ("ENDPOINT_DIR", deploy)), params=gate, doc=doc)

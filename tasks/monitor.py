@@ -6,7 +6,7 @@ MONITOR = Stage(
     name="monitor",
     command=("python", "monitor.py"),
     code=("monitor.py", "endpoint_client.py", "common.py"),
-    inputs=(("ENDPOINT_DIR", "promote"), ("CONCEPT_DIR", "train_concept")),
+    inputs=(("ENDPOINT_DIR", "promote"),),  # its endpoint.json and concept/: the stable version's own
     output="OUTPUT_DIR",
     settings={
         "max_drift_rate": Setting(float, 0.5, "share of out-of-distribution requests above which monitor fails",

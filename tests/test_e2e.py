@@ -158,6 +158,31 @@ def test_rollback_restores_the_previous_stable_version(project):
     assert "1  stable" in models and "2  rolled-back" in models
 
 
+def test_doit_after_rollback_keeps_the_rolled_back_version_off_and_monitors_the_restored_one(project):
+    """The rolled-back version's own config again: deploy does not revive version 2 (its result holds: the
+    version was withdrawn on purpose), promote records version 1, the stable one, with version 1's own concept
+    model, and monitor watches that one."""
+    root, port = project
+    proc = doit(root, "train_model.learning_rate=0.002", "monitor.max_drift_rate=1.0")
+    assert set(ran(proc)) == {"promote", "monitor"}, proc.stdout
+    assert "version 2 was rolled back (mlflowctl rollback): version 1 stays stable" in proc.stdout + proc.stderr
+    assert stable_answers(port, "fmnist") == [1]
+    served = requests.get(f"http://127.0.0.1:{port}/v1/models/fmnist/versions/2", timeout=10).json()
+    assert served["model_version_status"][0]["state"] == "END", served  # not deployed again
+    assert "2  rolled-back" in mlflowctl(root, "models").stdout
+    store = root / ".mlflowctl" / "store"
+    promoted = [json.loads(p.read_text()) for p in (store / "results" / "promote").glob("*/endpoint.json")]
+    assert sorted(e["version"] for e in promoted) == [1, 1], promoted  # the base config's and this one's
+    ours = next(p.parent for p in (store / "results" / "promote").glob("*/endpoint.json")
+                if "was rolled back" in (p.parent / "_logs" / "promote.log").read_text())
+    assert (ours / "concept" / "threshold.json").read_bytes() == \
+        (store / "models" / "fmnist" / "1" / "concept" / "threshold.json").read_bytes()
+    newest = max((store / "results" / "monitor").glob("*/drift.json"), key=lambda p: p.stat().st_mtime)
+    assert json.loads(newest.read_text())["version"] == 1
+    again = doit(root, "train_model.learning_rate=0.002", "monitor.max_drift_rate=1.0")
+    assert ran(again) == [], again.stdout  # the rollback is respected, and nothing churns
+
+
 def test_serve_stop_then_doit_redeploys_without_retesting(project):
     root, port = project
     mlflowctl(root, "serve", "stop")

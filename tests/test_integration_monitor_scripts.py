@@ -683,6 +683,25 @@ def test_monitor_scores_a_targets_live_inputs_with_the_concept_model(tmp_path, s
     assert proc.returncode == 6 and stderr_lines(proc) == ["monitor: drift rate 0.33 > max 0.20 on mnist version 3"]
 
 
+def test_monitor_scores_live_inputs_with_the_stable_versions_own_concept_model(tmp_path, serve, concept_dir):
+    """promote's result carries the stable version's concept/ (the registry's layout: the SavedModel at its top,
+    threshold.json beside it); monitor scores with that one, not with whatever CONCEPT_DIR names."""
+    import serving_fixtures as fx
+
+    fake = Fake({})
+    fake.live_inputs = [[0.0] * 784] * 4 + [[0.4] * 784] * 2  # errors 0 and 0.16
+    srv = serve(fake)
+    contract = {"drift_url": "", "inputs_url": srv.url + LIVE_INPUTS, "target": "sampler"}
+    endpoint = write_endpoint(tmp_path / "endpoint", srv.url, **contract)
+    fx.save_concept(endpoint / "concept", threshold=0.1)  # the stable version's: 0.16 is above 0.1
+    out = tmp_path / "mon"
+    proc = run_script("monitor.py", timeout=120, ENDPOINT_DIR=endpoint, OUTPUT_DIR=out, MAX_DRIFT_RATE=0.5,
+                      TIMEOUT=10, CONCEPT_DIR=concept_dir)  # CONCEPT_DIR's threshold (0.25) would find none
+    drift = json.loads((out / "drift.json").read_text())
+    assert proc.returncode == 0, proc.stderr
+    assert drift["threshold"] == 0.1 and drift["outliers"] == 2 and drift["rate"] == pytest.approx(2 / 6)
+
+
 def test_monitor_with_live_inputs_but_no_concept_model_says_why(tmp_path, serve):
     fake = Fake({})
     fake.live_inputs = [[1.0] * 784]
@@ -690,7 +709,7 @@ def test_monitor_with_live_inputs_but_no_concept_model_says_why(tmp_path, serve)
     proc, drift, _ = monitor(tmp_path, srv.url, {"drift_url": "", "inputs_url": srv.url + LIVE_INPUTS,
                                                  "target": "sampler"})
     assert proc.returncode == 0, proc.stderr
-    assert drift["available"] is False and "CONCEPT_DIR names no concept model" in drift["note"]
+    assert drift["available"] is False and "CONCEPT_DIR names none" in drift["note"]
 
 
 def test_monitor_rejects_malformed_live_inputs_in_one_line(tmp_path, serve, concept_dir):

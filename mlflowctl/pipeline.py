@@ -76,6 +76,8 @@ class Stage:
     action: Callable[..., None] | None = None   # action(project, ctx: ActionContext)
     still_valid: Callable[..., bool] | None = None  # still_valid(project, result_dir): for results that
     #                                                 stand for outside state (a deployment), is it still so?
+    #                                                 If not, the stage runs again; its new output replaces the
+    #                                                 result only if its files differ (else downstream stays valid)
     superseded: Callable[..., None] | None = None  # superseded(project, ours, theirs): another run published
     #                                                the same key first; undo what only our output stands for
     keys: tuple[str, ...] = ()                      # top-level config keys that are part of the key (model_name)

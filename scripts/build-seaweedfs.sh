@@ -17,7 +17,7 @@ set -euo pipefail
 
 me="seaweedfs"
 version="${SEAWEEDFS_VERSION:-v0.0.0-20261109003541-7506e5f91cd6}"
-out="$(realpath -m "${SEAWEEDFS_OUT:-.cache/seaweedfs/weed}")"
+out="$(realpath -m -s "${SEAWEEDFS_OUT:-.cache/seaweedfs/weed}")"  # -s: the link itself, not the binary
 cache="${MLFLOWCTL_CACHE_DIR:-/var/cache/mlflowctl}"
 built="$cache/seaweedfs/$version/weed"
 export GOMODCACHE="$cache/go/mod" GOCACHE="$cache/go/build"

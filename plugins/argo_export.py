@@ -46,6 +46,12 @@ RUN pip install --no-cache-dir --no-deps /opt/mlflowctl-src \
 COPY project /project
 """
 
+#: A failed Job or TFJob: a ``Failed`` entry in ``status.conditions``. Argo reads a condition as gjson paths in
+#: label-selector syntax, which cannot search a list, so each place the entry can take is named; it fails the
+#: step when ANY failure requirement holds (``matchConditions`` in workflow/executor/resource.go, 3.6.18).
+#: A condition type appears once in the list, and the operators keep fewer than six.
+FAILED_CONDITION = ",".join(f"status.conditions.{i}.type == Failed" for i in range(6))
+
 
 def param_name(section: str, key: str) -> str:
     """``train_model-epochs``: Argo parameter names allow letters, digits, '_' and '-' only."""
@@ -139,10 +145,10 @@ def build_workflow(pipeline: Any, targets: list[str] | None = None, runner: str 
                     for item in container["env"]:
                         if item["name"] in env_params:
                             item["value"] = env_params[item["name"]]
-            if tfjob:
-                ok, failed = "status.replicaStatuses.Chief.succeeded > 0", "status.replicaStatuses.Chief.failed > 0"
-            else:
-                ok, failed = "status.succeeded > 0", "status.failed > 0"
+            # success: the Job's pod, or the TFJob's Chief, succeeded; failure: the resource's own Failed
+            # condition (a failed replica, the backoff limit, the deadline), as the k8s backend reads it
+            ok = "status.replicaStatuses.Chief.succeeded > 0" if tfjob else "status.succeeded > 0"
+            failed = FAILED_CONDITION
             templates[name] = (Resource, dict(
                 name=_template_name(name), action="create", set_owner_reference=True,
                 manifest=yaml.safe_dump(manifest, sort_keys=False), success_condition=ok, failure_condition=failed))

@@ -480,8 +480,22 @@ class _Upload(io.BytesIO):
 
 
 def _untar(stream: Any, dest: Path) -> None:
+    """Extract the store server's tar stream into ``dest``: files and folders only, all inside ``dest``.
+
+    tarfile's ``data`` filter does it where this Python has it (3.11.4 and later); the runner image's Debian
+    Python (3.11.2, ``mlflowctl export argo``) has not, so there the same checks are made member by member.
+    """
     with tarfile.open(fileobj=stream, mode="r|") as tf:
-        tf.extractall(dest, filter="data")
+        if hasattr(tarfile, "data_filter"):
+            tf.extractall(dest, filter="data")
+            return
+        root = Path(dest).resolve()
+        for member in tf:
+            target = (root / member.name).resolve()
+            if not (member.isfile() or member.isdir()) or (target != root and root not in target.parents):
+                raise MlflowctlError(f"the store server sent {member.name!r}, which is not a file or folder "
+                                     f"inside the result: nothing more is extracted")
+            tf.extract(member, root, set_attrs=False)
 
 
 @hookimpl

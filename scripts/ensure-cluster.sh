@@ -15,7 +15,8 @@
 # 10.244.0.0/24 on the bridge mlflowctl0, no masquerade, and a FORWARD rule drops anything they send
 # beyond that subnet (they reach this machine and each other, nothing else). Cluster DNS: CoreDNS
 # (built from its Go module, github.com/coredns/coredns@$COREDNS_VERSION) runs as a process on the
-# bridge's gateway address 10.244.0.1:53, serving cluster.local from the API server (Services, headless
+# bridge's gateway address 10.244.0.1:53, serving cluster.local from the API server (as user system:coredns,
+# list/watch only, as upstream's ClusterRole; Services, headless
 # Services' pods: what a TFJob's TF_CONFIG names) and answering NXDOMAIN for every other name: it
 # forwards nothing outside. kubelet's clusterDNS points at it. In-cluster API clients (Argo's executor) reach
 # the API server, which listens on loopback only, through the kubernetes Service: 10.96.0.1:443 from the pod
@@ -243,12 +244,14 @@ ensure_pki() {
   cert controller-manager system:kube-controller-manager "" ""
   cert scheduler system:kube-scheduler "" ""
   cert kube-proxy system:kube-proxy "" ""
+  cert coredns system:coredns "" ""
   cert node "system:node:$NODE" system:nodes ""
   cert kubelet-serving "$NODE" "" "IP:$ip,DNS:$NODE,IP:127.0.0.1"
   kubeconfig admin admin
   kubeconfig controller-manager controller-manager
   kubeconfig scheduler scheduler
   kubeconfig kube-proxy kube-proxy
+  kubeconfig coredns coredns
   kubeconfig kubelet node
 }
 
@@ -336,7 +339,7 @@ EOF
 $CLUSTER_DOMAIN:53 in-addr.arpa:53 {
     bind $DNS_IP
     kubernetes $CLUSTER_DOMAIN in-addr.arpa {
-        kubeconfig $KUBECONFIG_ADMIN mlflowctl-test
+        kubeconfig $STATE/coredns.kubeconfig mlflowctl-test
         pods insecure
         ttl 5
     }
@@ -390,6 +393,24 @@ ensure_bridge() {  # the pods' bridge with its gateway address up front: CoreDNS
   ip -4 addr show dev "$BRIDGE" | grep -q " $DNS_IP/" || ip addr add "$DNS_IP/${POD_CIDR#*/}" dev "$BRIDGE"
   ip link set "$BRIDGE" up
   sysctl -qw "net.ipv4.conf.$BRIDGE.route_localnet=1"
+}
+
+ensure_coredns_role() {  # CoreDNS reads as user system:coredns what upstream's ClusterRole of that name grants
+  kubectl_ apply -f - >/dev/null <<'EOF'
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: "system:coredns"}
+rules:
+- {apiGroups: [""], resources: [endpoints, services, pods, namespaces], verbs: [list, watch]}
+- {apiGroups: [discovery.k8s.io], resources: [endpointslices], verbs: [list, watch]}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: "system:coredns"}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "system:coredns"}
+subjects:
+- {apiGroup: rbac.authorization.k8s.io, kind: User, name: "system:coredns"}
+EOF
 }
 
 dns_answers() {  # the API server's own Service resolves through CoreDNS
@@ -517,6 +538,7 @@ up() {
     --leader-elect=false --bind-address=127.0.0.1 --secure-port=10259 --v=1
 
   say "phase cluster DNS (CoreDNS $COREDNS_VERSION on $DNS_IP:53)"
+  ensure_coredns_role
   start coredns "$COREDNS_BIN" -conf "$STATE/coredns/Corefile"
   wait_for "CoreDNS answering on $DNS_IP:53" 60 coredns dns_answers
 

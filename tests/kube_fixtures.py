@@ -161,3 +161,12 @@ def local_registry(tmp_path, kube_cluster):
         proc.terminate()
         proc.wait(timeout=10)
         shutil.rmtree(hosts, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tfjob_operator(kube_cluster):
+    """The real Kubeflow training operator beside the control plane (scripts/ensure-tfjob-operator.sh)."""
+    proc = subprocess.run([str(REPO / "scripts" / "ensure-tfjob-operator.sh"), "up"], capture_output=True,
+                          text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return True

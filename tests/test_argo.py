@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 import yaml
 
 from conftest import VENV_BIN, doit_env, make_project
+from mlflowctl_plugins.argo_export import FAILED_CONDITION
 
 REPO = Path(__file__).resolve().parents[1]
 ARGO_VERSION = os.environ.get("ARGO_VERSION", "v3.6.18")
@@ -96,7 +98,7 @@ def test_the_workflow_is_the_doit_graph_and_validates_against_the_crd(project, w
         resource = templates[name]["resource"]
         job = yaml.safe_load(resource["manifest"])
         assert job["kind"] == "Job" and resource["successCondition"] == "status.succeeded > 0"
-        assert resource["failureCondition"] == "status.failed > 0" and resource["setOwnerReference"] is True
+        assert resource["failureCondition"] == FAILED_CONDITION and resource["setOwnerReference"] is True
         container = job["spec"]["template"]["spec"]["containers"][0]
         assert container["image"] == "example/img:1"
         assert container["resources"] == {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "1", "memory": "2Gi"}}
@@ -129,6 +131,7 @@ def test_workers_above_one_make_the_training_a_tfjob_template(project, workflow_
     assert tfjob["kind"] == "TFJob" and tfjob["apiVersion"] == "kubeflow.org/v1"
     assert tfjob["spec"]["tfReplicaSpecs"]["Worker"]["replicas"] == 1
     assert resource["successCondition"] == "status.replicaStatuses.Chief.succeeded > 0"
+    assert resource["failureCondition"] == FAILED_CONDITION
     assert yaml.safe_load(templates["train-concept"]["resource"]["manifest"])["kind"] == "Job"
 
 
@@ -178,6 +181,18 @@ EXECUTOR_RULES = [  # the emissary executor's minimum (Argo's quick-start Role) 
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "watch", "delete", "patch"]},
     {"apiGroups": ["kubeflow.org"], "resources": ["tfjobs"], "verbs": ["create", "get", "list", "watch", "delete", "patch"]},
 ]
+
+
+def grant_executor_role(kube_cluster, namespace: str, service_account: str) -> None:
+    """EXECUTOR_RULES for the workflow pods' ServiceAccount in ``namespace``."""
+    from kubernetes import client
+
+    rbac = client.RbacAuthorizationV1Api(kube_cluster.api)
+    rbac.create_namespaced_role(namespace, {"metadata": {"name": "argo-executor"}, "rules": EXECUTOR_RULES})
+    rbac.create_namespaced_role_binding(namespace, {
+        "metadata": {"name": "argo-executor"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "argo-executor"},
+        "subjects": [{"kind": "ServiceAccount", "name": service_account, "namespace": namespace}]})
 
 
 def failed_logs(kube_cluster, namespace: str) -> dict:
@@ -241,12 +256,7 @@ def test_the_exported_workflow_runs_on_argo_to_promote_and_registers_what_doit_r
     for _ in docker_client.api.build(path=str(context), tag=runner, network_mode="host", rm=True, decode=True):
         assert "error" not in _, _
     assert cluster_script("load-image", runner).returncode == 0
-    rbac = client.RbacAuthorizationV1Api(kube_cluster.api)
-    rbac.create_namespaced_role(namespace, {"metadata": {"name": "argo-executor"}, "rules": EXECUTOR_RULES})
-    rbac.create_namespaced_role_binding(namespace, {
-        "metadata": {"name": "argo-executor"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "argo-executor"},
-        "subjects": [{"kind": "ServiceAccount", "name": "mlflowctl", "namespace": namespace}]})
+    grant_executor_role(kube_cluster, namespace, "mlflowctl")
 
     doc = yaml.safe_load(export(root).stdout)  # the whole DAG
     tasks = {t["name"] for t in next(t for t in doc["spec"]["templates"] if t["name"] == "pipeline")["dag"]["tasks"]}
@@ -287,3 +297,53 @@ def test_the_exported_workflow_runs_on_argo_to_promote_and_registers_what_doit_r
     assert argo_meta["params"] == doit_meta["params"] and argo_meta["params"]["steps"] == 40
     assert argo_meta["concept_params"] == doit_meta["concept_params"]
     assert argo_meta["code_digests"] == doit_meta["code_digests"]
+
+
+@pytest.mark.slow
+def test_failed_jobs_and_tfjobs_fail_their_exported_steps_by_their_own_verdict(
+        tmp_path, kube_namespace, kube_cluster, argo_controller, tfjob_operator):
+    """The exported resource templates on the real controller, the real Job controller and the real training
+    operator, with trivial commands in the node's python:3.11-slim: a Job whose pod fails, with one retry
+    (backoff_limit=1), fails its step only once the Job itself has failed (both pods), not at the first pod;
+    a TFJob whose Worker fails while the Chief would wait for it fails its step (not a step that waits for the
+    Chief's success forever)."""
+    import time
+
+    from kubernetes import client
+
+    config = {**CONFIG, "backends": {"k8s": {**CONFIG["backends"]["k8s"], "namespace": kube_namespace}}}
+    root = make_project(tmp_path / "proj", yaml.safe_dump(config, sort_keys=False))
+    doc = yaml.safe_load(export(root, "train_model.workers=2", "backends.k8s.backoff_limit=1",
+                                "--stage", "train_model").stdout)
+    templates = {t["name"]: t for t in doc["spec"]["templates"]}
+    commands = {"data": {"Job": ["sh", "-c", "exit 3"]},
+                "train-model": {"Chief": ["sleep", "600"], "Worker": ["sh", "-c", "exit 3"]}}
+    for name, replicas in commands.items():
+        manifest = yaml.safe_load(templates[name]["resource"]["manifest"])
+        for replica, command in replicas.items():
+            pod = (manifest["spec"]["template"] if replica == "Job"
+                   else manifest["spec"]["tfReplicaSpecs"][replica]["template"])["spec"]
+            pod["volumes"] = []
+            pod["containers"][0].update(image="python:3.11-slim", imagePullPolicy="Never", command=command, args=[],
+                                        volumeMounts=[], resources={})
+        templates[name]["resource"]["manifest"] = yaml.safe_dump(manifest, sort_keys=False)
+    doc["spec"]["templates"] = [templates["data"], templates["train-model"], {"name": "only", "dag": {"tasks": [
+        {"name": "data", "template": "data"}, {"name": "train-model", "template": "train-model"}]}}]
+    doc["spec"]["entrypoint"] = "only"
+    doc["spec"].pop("volumes", None)
+    doc["spec"]["serviceAccountName"] = "default"
+    grant_executor_role(kube_cluster, kube_namespace, "default")
+    custom = client.CustomObjectsApi(kube_cluster.api)
+    started = time.monotonic()
+    created = custom.create_namespaced_custom_object("argoproj.io", "v1alpha1", kube_namespace, "workflows", doc)
+    wf = wait_workflow(kube_cluster, kube_namespace, created["metadata"]["name"], 400)
+    took = time.monotonic() - started
+    nodes = {n["displayName"]: n for n in (wf["status"].get("nodes") or {}).values()}
+    assert wf["status"]["phase"] == "Failed" and {"data", "train-model"} <= set(nodes), wf["status"]
+    for name in ("data", "train-model"):
+        assert nodes[name]["phase"] in ("Failed", "Error"), nodes[name]
+        assert re.search(r"failure condition '\{status\.conditions\.\d\.type == \[Failed\]\}' evaluated true",
+                         nodes[name].get("message", "")), nodes[name]
+    job = client.BatchV1Api(kube_cluster.api).list_namespaced_job(kube_namespace).items
+    assert [j.status.failed for j in job] == [2], [j.status for j in job]  # the retry ran before the step failed
+    assert took < 400  # long before the Chief's 600 s sleep would have ended

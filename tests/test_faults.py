@@ -431,6 +431,55 @@ def test_pvc_store_checks_sizes_and_sha256_of_what_it_reads(pvc):
     assert (store.fetch("results/sample/k3") / "sub" / "threshold.json").read_text() == '{"threshold": 0.25}\n'
 
 
+@pytest.mark.parametrize("python", ["with the data filter", "without it (3.11.2, the runner image)"])
+def test_pvc_store_extracts_files_and_folders_inside_the_result_only(tmp_path, monkeypatch, python):
+    """What the store's server streams back is extracted with tarfile's ``data`` filter where Python has it,
+    and with the same checks by hand where it has not (mlflowctl export argo's runner: Debian's 3.11.2)."""
+    import contextlib
+    import io
+    import tarfile
+
+    from mlflowctl.errors import MlflowctlError
+    from mlflowctl_plugins.pvc_store import _untar
+
+    if python.startswith("without"):
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+
+    def archive(*members: tuple[str, bytes | None, str]) -> io.BytesIO:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tf:
+            for name, data, link in members:
+                info = tarfile.TarInfo(name)
+                if link:
+                    info.type, info.linkname = tarfile.SYMTYPE, link
+                    tf.addfile(info)
+                elif data is None:
+                    info.type = tarfile.DIRTYPE
+                    tf.addfile(info)
+                else:
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+        buf.seek(0)
+        return buf
+
+    good = tmp_path / "good"
+    good.mkdir()
+    _untar(archive(("concept", None, ""), ("concept/threshold.json", b"{}", "")), good)
+    assert (good / "concept" / "threshold.json").read_bytes() == b"{}"
+    for i, bad in enumerate([("../escaped", b"x", ""), ("link", None, "/etc/passwd")]):
+        dest = tmp_path / f"bad{i}"
+        dest.mkdir()
+        with pytest.raises((MlflowctlError, tarfile.TarError)):
+            _untar(archive(bad), dest)
+        assert not (tmp_path / "escaped").exists() and not (dest / "link").is_symlink()
+    # an absolute name: refused by hand, or made relative by the filter; never written where it points
+    dest = tmp_path / "abs"
+    dest.mkdir()
+    with contextlib.suppress(MlflowctlError, tarfile.TarError):
+        _untar(archive((f"{tmp_path}/outside", b"x", "")), dest)
+    assert not (tmp_path / "outside").exists()
+
+
 def test_pvc_store_refuses_writes_that_do_not_arrive_intact(pvc):
     import hashlib
 

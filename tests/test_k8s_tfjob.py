@@ -24,14 +24,6 @@ from test_k8s_backend import make_backend, store_run, write_stage
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def tfjob_operator(kube_cluster):
-    proc = subprocess.run([str(REPO / "scripts" / "ensure-tfjob-operator.sh"), "up"], capture_output=True,
-                          text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return True
-
-
 @pytest.fixture
 def backend(tmp_path, pvc_claim, docker_client, tfjob_operator):
     namespace, claim = pvc_claim

@@ -73,19 +73,17 @@ def retire_previous_target(project: Any) -> str | None:
 
 
 ROLLED_BACK = "rolled-back"  # the verdict of a version ``mlflowctl rollback`` took off
-#: verdicts of a version withdrawn on purpose: by the gate, or by ``mlflowctl rollback``
-WITHDRAWN = ("rejected", ROLLED_BACK)
 
 
 def deployment_holds(project: Any, result_dir: Path) -> bool:
     """Is the version this ``deploy`` result stands for still served? (re-deploy if not).
 
-    A version withdrawn on purpose (the gate rejected it, ``mlflowctl rollback`` took it off) holds as it
-    is: deploying it again would revive what was withdrawn.
+    A version ``mlflowctl rollback`` took off holds as it is: deploying it again would undo the rollback.
+    (A version the gate rejected is deployed again: a changed gate re-tests it against a live endpoint.)
     """
     try:
         number = int(json.loads((result_dir / ENDPOINT_FILE).read_text())["version"])
-        return project.models.verdict(number).get("state") in WITHDRAWN or project.serving.serves(number)
+        return project.models.verdict(number).get("state") == ROLLED_BACK or project.serving.serves(number)
     except (OSError, ValueError, KeyError, TypeError, MlflowctlError):
         return False
 

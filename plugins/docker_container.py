@@ -239,7 +239,7 @@ def remove_leftover_containers(client: Any = None, project: str | None = None, r
     client = client or docker.from_env()
     label = f"{LABEL_PROJECT}={project}" if project else LABEL_PROJECT
     removed = []
-    for container in client.containers.list(all=True, filters={"label": label}):
+    for container in client.containers.list(all=True, filters={"label": label}, ignore_removed=True):
         if container.status in ("running", "restarting") and not running:
             continue
         try:
@@ -304,7 +304,7 @@ def _wait_exit(container: Any, status: dict[str, Any], done: threading.Event) ->
 
 def _find_container(client: Any, name: str) -> Any:
     try:
-        found = client.containers.list(all=True, filters={"name": f"^/?{name}$"})
+        found = client.containers.list(all=True, filters={"name": f"^/?{name}$"}, ignore_removed=True)
     except Exception:  # noqa: BLE001 - nothing more we can do
         return None
     return found[0] if found else None

@@ -98,7 +98,7 @@ def prune_images(client: Any, project: str, repository: str, current: str | None
             protected.add(client.images.get(current).id)
         except docker.errors.ImageNotFound:
             pass
-    in_use = {c.attrs.get("Image") for c in client.containers.list(all=True)}
+    in_use = {c.attrs.get("Image") for c in client.containers.list(all=True, ignore_removed=True)}
     removed = []
     for image in images:
         if image.id in protected or image.id in in_use:

@@ -77,7 +77,8 @@ def docker_client(docker_client):
     """conftest's engine, plus a session teardown: nothing of this session may survive."""
     client = docker_client
     yield client
-    for container in client.containers.list(all=True, filters={"label": f"mlflowctl.project={SESSION}"}):
+    for container in client.containers.list(all=True, filters={"label": f"mlflowctl.project={SESSION}"},
+                                            ignore_removed=True):
         container.remove(force=True)
     for image in client.images.list(filters={"label": f"mlflowctl.project={SESSION}"}):
         try:
@@ -93,7 +94,8 @@ def no_leftover_containers(request):
     if "docker_client" not in request.fixturenames:
         return
     client = request.getfixturevalue("docker_client")
-    left = client.containers.list(all=True, filters={"label": f"mlflowctl.project={SESSION}"})
+    left = client.containers.list(all=True, filters={"label": f"mlflowctl.project={SESSION}"},
+                                  ignore_removed=True)
     for container in left:
         container.remove(force=True)
     assert not left, f"containers left behind: {[c.name for c in left]}"
@@ -136,7 +138,9 @@ def stage_run(project: Project, tmp_path: Path, *args: str, stage: str | None = 
 
 
 def containers_of(client, stage: str) -> list:
-    return client.containers.list(all=True, filters={"label": f"mlflowctl.stage={stage}"})
+    """The containers of ``stage`` (one removed between docker's list and its inspect is not one: docker-py's
+    ``ignore_removed``; without it such a race failed a test, and the same in the backend's own listings)."""
+    return client.containers.list(all=True, filters={"label": f"mlflowctl.stage={stage}"}, ignore_removed=True)
 
 
 # -- the backend contract ------------------------------------------------------------------------
@@ -212,7 +216,8 @@ def test_pipeline_stages_pass_results_through_the_store(project, docker_client):
     key = pipeline.resolve(producer).components["backend"]
     # the image's environment, and no backend name: a k8s Job of the same image shares the result
     assert key == {"image_environment": project.backend.context_info().environment_digest[:20]}
-    assert not docker_client.containers.list(all=True, filters={"label": f"mlflowctl.project={SESSION}"})
+    assert not docker_client.containers.list(all=True, filters={"label": f"mlflowctl.project={SESSION}"},
+                                             ignore_removed=True)
 
 
 def _assert_prompt_cancel(project, run, docker_client, match: str) -> None:
@@ -515,7 +520,8 @@ def test_full_pipeline_in_docker(tmp_path, docker_client):
 
     for path in (root / ".mlflowctl" / "store").rglob("*"):
         assert path.lstat().st_uid == os.getuid(), f"{path} is owned by uid {path.lstat().st_uid}"
-    assert not docker_client.containers.list(all=True, filters={"label": "mlflowctl.project=mnist"})
+    assert not docker_client.containers.list(all=True, filters={"label": "mlflowctl.project=mnist"},
+                                             ignore_removed=True)
 
     again = subprocess.run(args + stages, cwd=root, env=doit_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr

@@ -32,7 +32,7 @@ ROLE = "mlflowctl.role=serve"
 
 def serve_containers(client, serve_dir: Path) -> list:
     """This project folder's model server containers (other sessions may run theirs on the same engine)."""
-    return [c for c in client.containers.list(all=True, filters={"label": ROLE})
+    return [c for c in client.containers.list(all=True, filters={"label": ROLE}, ignore_removed=True)
             if c.labels.get("mlflowctl.serve-dir") == str(serve_dir)]
 
 
@@ -228,4 +228,5 @@ def test_pipeline_with_server_in_container(tmp_path, docker_client):
                               capture_output=True, text=True, timeout=120)
     assert stop.returncode == 0, stop.stdout + stop.stderr
     assert serve_containers(docker_client, serve_dir) == []
-    assert not docker_client.containers.list(all=True, filters={"name": f"mlflowctl-mnist-serve-{port}"})
+    assert not docker_client.containers.list(all=True, filters={"name": f"mlflowctl-mnist-serve-{port}"},
+                                             ignore_removed=True)
